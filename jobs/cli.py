@@ -1,0 +1,66 @@
+"""The ``cascade`` command line: one subcommand per job.
+
+Heavy imports (torch, ray, transformers) happen inside each subcommand so ``cascade --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+# Offline by construction: nothing in this project downloads weights at run time.
+for _var, _value in (
+    ("HF_HUB_OFFLINE", "1"),
+    ("NO_ALBUMENTATIONS_UPDATE", "1"),
+    ("RAY_USAGE_STATS_ENABLED", "0"),
+):
+    os.environ.setdefault(_var, _value)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from jobs.doctor import run_doctor
+
+    return run_doctor(check_ray=not args.no_ray)
+
+
+def _cmd_flavors(args: argparse.Namespace) -> int:
+    from jobs.doctor import print_flavors
+
+    print_flavors(family=args.family)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cascade",
+        description="cascade-data: encode image–text datasets into Stable Cascade latents on Ray, "
+        "then train on the cache.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
+        ("doctor", "print versions, flavors, the Ray status and whether CUDA is present", _cmd_doctor),
+        ("flavors", "list every model flavor with its exact parameter count (meta device)", _cmd_flavors),
+    ]
+    for name, help_text, fn in commands:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=fn)
+        if name == "doctor":
+            p.add_argument("--no-ray", action="store_true", help="skip starting a local Ray to check it")
+        if name == "flavors":
+            p.add_argument("--family", default=None, help="only this family, e.g. stage_c or controlnet")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"cascade {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""Shared test setup: offline environment, seeds, and paths."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    """Every test starts from the same RNG state; torch stays within CI's 2 cores."""
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture
+def test_data() -> Path:
+    return TEST_DATA
