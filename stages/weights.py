@@ -34,18 +34,21 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
 
 
-def _read_bytes(path: str | os.PathLike) -> bytes:
-    with fsspec.open(os.fspath(path), "rb") as f:
+StorageOptions = dict | None  # fsspec storage options, e.g. {"endpoint_url": ..., "key": ..., "secret": ...}
+
+
+def _read_bytes(path: str | os.PathLike, storage_options: StorageOptions = None) -> bytes:
+    with fsspec.open(os.fspath(path), "rb", **(storage_options or {})) as f:
         return f.read()
 
 
-def read_safetensors(path: str | os.PathLike) -> LoadedWeights:
-    """Read a safetensors file (local path or fsspec URL) and hash its bytes.
+def read_safetensors(path: str | os.PathLike, storage_options: StorageOptions = None) -> LoadedWeights:
+    """Read a safetensors file (local path or fsspec URL with ``storage_options``) and hash its bytes.
 
     Raises:
         WeightsError: the file is a pickle or is not valid safetensors.
     """
-    data = _read_bytes(path)
+    data = _read_bytes(path, storage_options)
     name = os.fspath(path)
     if data[:2] in _PICKLE_MAGIC[:4] or data[:4] == _PICKLE_MAGIC[4]:
         raise WeightsError(
@@ -59,10 +62,10 @@ def read_safetensors(path: str | os.PathLike) -> LoadedWeights:
     return LoadedWeights(path=name, sha256=hashlib.sha256(data).hexdigest(), state_dict=state)
 
 
-def sha256_of(path: str | os.PathLike) -> str:
+def sha256_of(path: str | os.PathLike, storage_options: StorageOptions = None) -> str:
     """sha256 of a file's bytes (local path or fsspec URL)."""
     digest = hashlib.sha256()
-    with fsspec.open(os.fspath(path), "rb") as f:
+    with fsspec.open(os.fspath(path), "rb", **(storage_options or {})) as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -94,13 +97,15 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, *, assign: bool = False) -> str:
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, *, assign: bool = False, storage_options: StorageOptions = None
+) -> str:
     """Strictly load a safetensors file (bf16 or fp32) into ``model``; returns the file's sha256.
 
     Tensors are cast to the model's dtype. With ``assign=True`` a meta-device model takes the file's
     tensors directly (no double allocation for multi-GB checkpoints).
     """
-    loaded = read_safetensors(path)
+    loaded = read_safetensors(path, storage_options)
     check_state_dict(model, loaded.state_dict, loaded.path)
     expected = model.state_dict()
     state = {
@@ -112,7 +117,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, assign: bool = Fa
 
 
 def save_weights(
-    state: dict[str, torch.Tensor], path: str | os.PathLike, *, dtype: torch.dtype | None = None
+    state: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    storage_options: StorageOptions = None,
 ) -> str:
     """Write a flat state dict as safetensors (local or fsspec URL), optionally cast; returns its sha256.
 
@@ -125,6 +134,6 @@ def save_weights(
         for k, v in state.items()
     }
     data = save_safetensors_bytes(tensors)
-    with fsspec.open(os.fspath(path), "wb") as f:
+    with fsspec.open(os.fspath(path), "wb", **(storage_options or {})) as f:
         f.write(data)
     return hashlib.sha256(data).hexdigest()
