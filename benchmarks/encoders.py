@@ -84,6 +84,7 @@ def _measure(encoder: str, flavor: str, batch: int, reps: int, device: str, bf16
             "flavor": flavor,
             "batch": batch,
             "params": sum(p.numel() for p in model.parameters()),
+            "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
             "seconds_per_image": seconds,
             "images_per_second": 1 / seconds,
             "gflops_per_image": flops / 1e9,

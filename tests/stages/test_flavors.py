@@ -10,6 +10,7 @@ import torch
 
 from stages.flavors import FLAVORS, build_model, find_weights, get_flavor
 from stages.weights import WeightsError, save_weights
+from tests.helpers import randomize_
 
 RELEASED_COUNTS = {
     "stage_c/3.6b": 3_589_103_632,
@@ -106,3 +107,23 @@ def test_load_from_s3_on_loopback(monkeypatch) -> None:
             assert torch.equal(loaded.encode(x), model.encode(x))
     finally:
         server.stop()
+
+
+WEIGHTED_TINY = sorted(
+    n for n, f in FLAVORS.items() if f.tiny and f.family not in ("clip_text", "clip_vision")
+)
+
+
+@pytest.mark.parametrize("name", WEIGHTED_TINY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strict_safetensors_round_trip(name: str, dtype: torch.dtype, tmp_path) -> None:
+    """Every model saves to safetensors (fp32 or bf16) and loads strictly into a meta-built twin."""
+    model = randomize_(build_model(name)[0])
+    path = tmp_path / "weights.safetensors"
+    sha = save_weights(model.state_dict(), path, dtype=dtype)
+    loaded, loaded_sha = build_model(name, weights=path)
+    assert loaded_sha == sha and not any(t.is_meta for t in loaded.state_dict().values())
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        expected = value.to(dtype).to(value.dtype) if value.is_floating_point() else value
+        assert torch.equal(loaded.state_dict()[key], expected), key

@@ -13,7 +13,7 @@ from stages.stage_b import FLAVORS as B_FLAVORS
 from stages.stage_b import StageB
 from stages.stage_c import FLAVORS as C_FLAVORS
 from stages.stage_c import StageC
-from stages.weights import load_weights, save_weights
+from tests.helpers import randomize_
 
 RELEASED = {
     "stage_c/3.6b": (3_589_103_632, 1294),
@@ -71,13 +71,6 @@ def test_stage_b_spec_details() -> None:
     assert sum(v.numel() for k, v in state.items() if k.startswith("effnet_mapper")) == 431_680
 
 
-def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-
-
 def _inputs(name: str, cfg, batch: int = 2) -> tuple[tuple, dict]:
     gen = torch.Generator().manual_seed(1)
     r = torch.rand(batch, generator=gen)
@@ -112,7 +105,7 @@ PARITY_CASES = {
 
 def _check_parity(name: str, cfg) -> float:
     model = (StageC if name.startswith("stage_c") else StageB)(cfg).eval()
-    _randomise(model)
+    randomize_(model)
     reference = StableCascadeUNet(**diffusers_config(cfg)).eval()
     reference.load_state_dict(official_to_diffusers(model.state_dict()), strict=True)
     back = diffusers_to_official(reference.state_dict(), stage=name[6])
@@ -139,26 +132,9 @@ def test_parity_with_diffusers_at_lite_size(name: str) -> None:
     assert _check_parity(name, cfg) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["stage_c/tiny", "stage_b/tiny"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_strict_safetensors_round_trip(name: str, dtype: torch.dtype, tmp_path) -> None:
-    model = _build(name).eval()
-    _randomise(model)
-    path = tmp_path / "w.safetensors"
-    sha = save_weights(model.state_dict(), path, dtype=dtype)
-    fresh = _build(name).eval()
-    assert load_weights(fresh, path) == sha and len(sha) == 64
-    for k, v in model.state_dict().items():
-        assert torch.equal(fresh.state_dict()[k], v.to(dtype).float())
-    if dtype == torch.float32:
-        args, _ = _inputs(name, model.config)
-        with torch.no_grad():
-            assert torch.equal(model(*args), fresh(*args))
-
-
 def test_sca_crp_default_to_zero() -> None:
     model = _build("stage_c/tiny").eval()
-    _randomise(model)
+    randomize_(model)
     args, _ = _inputs("stage_c/tiny", model.config)
     zeros = torch.zeros(2)
     with torch.no_grad():
