@@ -86,7 +86,11 @@ def ray_status() -> str:
     finally:
         ray.shutdown()
     where = address or "local (started for this check)"
-    summary = ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if not k.startswith("node:"))
+    summary = ", ".join(
+        f"{k}={v / 2**30:.1f} GiB" if "memory" in k else f"{k}={v:g}"
+        for k, v in sorted(resources.items())
+        if not k.startswith("node:")
+    )
     return f"ok at {where}: {nodes} node(s), {summary} ({time.perf_counter() - started:.1f} s)"
 
 
