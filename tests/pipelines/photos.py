@@ -1,0 +1,31 @@
+"""Real photos for pipeline tests: scikit-image's sample images with human captions (tests/data)."""
+
+from __future__ import annotations
+
+import io
+import json
+from functools import cache, lru_cache
+
+import numpy as np
+from PIL import Image
+from skimage import data as skdata
+
+from tests.conftest import TEST_DATA
+
+PHOTOS = ("chelsea", "astronaut", "rocket", "coffee", "camera")
+
+
+@lru_cache(maxsize=1)
+def captions() -> dict[str, str]:
+    rows = [json.loads(line) for line in (TEST_DATA / "skimage_captions.jsonl").read_text().splitlines()]
+    return {r["skimage_name"]: r["caption"] for r in rows}
+
+
+@cache
+def jpeg(name: str, quality: int = 90) -> bytes:
+    """A scikit-image photo as JPEG bytes (grey images become RGB)."""
+    array = np.asarray(getattr(skdata, name)())
+    image = Image.fromarray(array).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

@@ -1,0 +1,146 @@
+"""Ingest existing data (WebDataset, Parquet, image folders) on a local Ray, bad input included."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.ingest import IngestConfig, run_ingest
+from pipelines.plan import PlanError
+from pipelines.sources import SourceConfig, list_shards, read_shard
+from tests.pipelines import corrupt
+from tests.pipelines.photos import PHOTOS, captions, jpeg
+
+
+def _photo_tar() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in PHOTOS:
+            for ext, data in (("jpg", jpeg(name)), ("txt", captions()[name].encode())):
+                info = tarfile.TarInfo(f"{name}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def wds_source(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a-photos.tar").write_bytes(_photo_tar())
+    (src / "b-bad.tar").write_bytes(corrupt.samples_tar())
+    (src / "c-cut.tar").write_bytes(corrupt.corrupt_tar())
+    return src
+
+
+def _members(tar_path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_read_shard_survives_a_cut_tar(wds_source) -> None:
+    config = SourceConfig(kind="webdataset", path=str(wds_source / "c-cut.tar"))
+    rows = [
+        row
+        for batch in read_shard(config, list_shards(config)[0])
+        for row in zip(batch["key"], batch["reject_reason"], strict=True)
+    ]
+    assert rows == [("tar_ok_0", ""), ("tar_ok_1", ""), ("tar_cut", "corrupt tar member")]
+
+
+def test_ingest_webdataset_counts_add_up(ray_local, wds_source, tmp_path) -> None:
+    out = tmp_path / "shards"
+    summary = run_ingest(
+        IngestConfig(source=SourceConfig(kind="webdataset", path=str(wds_source)), output_dir=str(out))
+    )
+    expected = corrupt.expected_counts()
+    n_good = len(PHOTOS) + expected[""] + len(corrupt.CORRUPT_TAR_COMPLETE)
+    n_bad = sum(v for k, v in expected.items() if k) + 1
+    assert (summary.n_samples, summary.n_rejected, summary.n_input) == (n_good, n_bad, n_good + n_bad)
+    rejects = pq.read_table(out / "rejects.parquet")
+    assert rejects.column_names == ["key", "source", "step", "reason", "detail"]
+    reasons = Counter(rejects["reason"].to_pylist())
+    assert reasons == Counter({k: v for k, v in expected.items() if k}) + Counter({"corrupt tar member": 1})
+    assert all(d for d in rejects["detail"].to_pylist() if d is not None) or True
+    # img2dataset layout, named after the input shards (sorted: a, b, c)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"0000{i}{s}" for i in range(3) for s in (".tar", ".parquet", "_stats.json")]
+        + ["rejects.parquet", "manifest.json"]
+    )
+    members = _members(out / "00000.tar")
+    assert (
+        members["chelsea.jpg"] == jpeg("chelsea") and members["chelsea.txt"].decode() == captions()["chelsea"]
+    )
+    meta = json.loads(members["chelsea.json"])
+    assert (meta["width"], meta["height"], meta["status"]) == (451, 300, "success")
+    exif = json.loads(_members(out / "00001.tar")["exif_rotated_jpeg.json"])
+    assert (exif["width"], exif["height"]) == corrupt.EXPECTED["exif_rotated_jpeg"][1]
+    stats = json.loads((out / "00001_stats.json").read_text())
+    assert stats["count"] == len(corrupt.cases()) and stats["successes"] == expected[""]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["n_input"] == summary.n_input and manifest["reject_reasons"]["decompression bomb"] == 2
+
+
+def test_parquet_and_folder_sources_give_the_same_records(ray_local, tmp_path) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in PHOTOS:
+        (folder / f"{name}.jpg").write_bytes(jpeg(name))
+        (folder / f"{name}.txt").write_text(captions()[name])
+    table = pa.table(
+        {"id": list(PHOTOS), "img": [jpeg(n) for n in PHOTOS], "text": [captions()[n] for n in PHOTOS]}
+    )
+    pq.write_table(table, tmp_path / "photos.parquet")
+    outputs = {}
+    for kind, path, extra in (
+        ("folder", folder, {"samples_per_shard": 4}),
+        (
+            "parquet",
+            tmp_path / "photos.parquet",
+            {"image_column": "img", "caption_column": "text", "key_column": "id"},
+        ),
+    ):
+        out = tmp_path / f"out-{kind}"
+        summary = run_ingest(
+            IngestConfig(source=SourceConfig(kind=kind, path=str(path), **extra), output_dir=str(out))
+        )
+        assert (summary.n_samples, summary.n_rejected) == (len(PHOTOS), 0)
+        outputs[kind] = {
+            k: v
+            for tar in sorted(out.glob("*.tar"))
+            for k, v in _members(tar).items()
+            if not k.endswith(".json")
+        }
+    assert outputs["folder"] == outputs["parquet"]
+    assert outputs["folder"]["rocket.jpg"] == jpeg("rocket")
+
+
+def test_real_web_parquet_with_list_of_images(ray_local, tmp_path, test_data) -> None:
+    """fondant's messy Common Crawl images: many are tiny badges and icons."""
+    out = tmp_path / "web"
+    source = SourceConfig(kind="parquet", path=str(test_data / "fondant_cc_web_sample.parquet"), image_column="data",
+                          caption_column="alt_text", key_column="id")  # fmt: skip
+    summary = run_ingest(IngestConfig(source=source, output_dir=str(out)))
+    assert summary.n_input == 40 and summary.n_samples + summary.n_rejected == 40
+    assert summary.n_samples > 0 and {"empty caption", "too small"} & set(summary.reject_reasons)
+
+
+def test_config_errors_fail_before_ray(tmp_path) -> None:
+    with pytest.raises(ValueError, match="kind='tfrecord'"):
+        SourceConfig(kind="tfrecord", path="x")
+    with pytest.raises(FileNotFoundError, match=r"source\.path="):
+        run_ingest(
+            IngestConfig(
+                source=SourceConfig(kind="webdataset", path=str(tmp_path / "nothing")),
+                output_dir=str(tmp_path),
+            )
+        )
+    with pytest.raises(ValueError, match="max_error_fraction"):
+        IngestConfig(source=SourceConfig(kind="folder", path="x"), output_dir="y", max_error_fraction=2.0)
+    assert PlanError.__mro__[1] is ValueError

@@ -1,0 +1,130 @@
+"""Score ingested shards with a tiny CLIP on a local Ray, then filter the stored scores."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.filter import FilterConfig, Rule, run_filter
+from pipelines.images import decode_rgb, to_float_chw
+from pipelines.ingest import IngestConfig, run_ingest
+from pipelines.plan import Plan, PlanError, PlannedStep
+from pipelines.score import ReadShard, ScoreConfig, ScorerConfig, ScoreSamples, run_score
+from pipelines.sources import SourceConfig
+from tests.pipelines.photos import PHOTOS, captions, jpeg
+
+META = {"chelsea": {"pwatermark": 0.75, "punsafe": 0.125}, "rocket": {"watermark_score": 0.25}}
+
+
+def _tar(samples: dict[str, tuple[bytes, str, dict]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for key, (image, caption, meta) in samples.items():
+            for ext, data in (("jpg", image), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("score")
+    (root / "src").mkdir()
+    samples = {name: (jpeg(name), captions()[name], META.get(name, {})) for name in PHOTOS}
+    (root / "src" / "photos.tar").write_bytes(_tar(samples))
+    run_ingest(
+        IngestConfig(
+            source=SourceConfig(kind="webdataset", path=str(root / "src")), output_dir=str(root / "shards")
+        )
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def scored(ingested):
+    config = ScoreConfig(
+        shards=SourceConfig(kind="webdataset", path=str(ingested / "shards")),
+        output_dir=str(ingested / "scores"),
+        scorer=ScorerConfig(flavor="clip_score/tiny"),
+    )
+    summary = run_score(config)
+    files = sorted(p for p in (ingested / "scores").glob("part-*.parquet"))
+    return summary, pads.dataset(files).to_table(), config
+
+
+def test_scores_per_key(scored) -> None:
+    summary, table, _ = scored
+    assert (summary.n_scored, summary.n_rejected) == (len(PHOTOS), 0)
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert set(rows) == set(PHOTOS)
+    chelsea = rows["chelsea"]
+    assert (chelsea["width"], chelsea["height"]) == (451, 300)
+    assert chelsea["aspect_ratio"] == pytest.approx(451 / 300)
+    assert chelsea["caption_length"] == len(captions()["chelsea"])
+    assert (chelsea["watermark_probability"], chelsea["nsfw_probability"]) == (0.75, 0.125)
+    assert rows["rocket"]["watermark_probability"] == 0.25 and np.isnan(rows["coffee"]["nsfw_probability"])
+    assert all(-1 <= r["clip_similarity"] <= 1 and np.isfinite(r["aesthetic_score"]) for r in rows.values())
+    assert len(chelsea["clip_image_embeds"]) == 32
+    assert table.schema.metadata[b"cascade.schema"] == b"scores@1"
+
+
+def test_stored_embedding_equals_a_direct_scorer_pass(scored) -> None:
+    """The pipeline stores exactly what one ClipScorer call gives (Stage C's clip_img for this flavor)."""
+    _, table, config = scored
+    step = ScoreSamples(config.scorer)
+    image = torch.from_numpy(to_float_chw(decode_rgb(jpeg("astronaut"), max_pixels=10**8)))
+    direct = step.scorer.score([image], [captions()["astronaut"]])
+    row = next(r for r in table.to_pylist() if r["key"] == "astronaut")
+    assert np.allclose(row["clip_image_embeds"], direct.image_embeds[0].numpy(), atol=1e-6)
+    assert row["aesthetic_score"] == pytest.approx(direct.aesthetic.item(), abs=1e-5)
+
+
+def test_filter_rules_and_drop_counts(scored, tmp_path) -> None:
+    _, table, config = scored
+    widths = sorted(table["width"].to_pylist())
+    rules = (
+        Rule(field="width", op=">=", value=widths[2]),  # drops the narrowest
+        Rule(field="watermark_probability", op="<", value=0.5, keep_missing=True),  # drops chelsea
+        Rule(field="key", op="not in", value=["camera"]),
+    )
+    summary = run_filter(FilterConfig(scores_dir=config.output_dir, output_dir=str(tmp_path), rules=rules))
+    kept = set(pq.read_table(tmp_path / "kept_keys.parquet")["key"].to_pylist())
+    rows = {r["key"]: r for r in table.to_pylist()}
+    expected = {k for k, r in rows.items() if r["width"] >= widths[2] and k not in ("chelsea", "camera")}
+    assert kept == expected and summary.n_kept == len(expected) and summary.n_input == len(PHOTOS)
+    assert summary.failed[rules[0].label] == sum(w < widths[2] for w in widths)
+    assert summary.failed[rules[1].label] == 1
+    assert sum(summary.dropped_first.values()) == len(PHOTOS) - len(expected)
+    report = json.loads((tmp_path / "filter_report.json").read_text())
+    assert report["n_kept"] == len(expected)
+
+
+def test_filter_refuses_unknown_fields_and_ops(scored, tmp_path) -> None:
+    _, _, config = scored
+    with pytest.raises(ValueError, match="unknown score fields \\['beauty'\\]"):
+        run_filter(FilterConfig(scores_dir=config.output_dir, output_dir=str(tmp_path),
+                                rules=(Rule(field="beauty", op=">", value=1),)))  # fmt: skip
+    with pytest.raises(ValueError, match="op='=~'"):
+        Rule(field="caption", op="=~", value="cat")
+    with pytest.raises(ValueError, match="needs a list"):
+        Rule(field="key", op="in", value="cat")
+
+
+def test_plan_checks_columns_and_configs_without_ray() -> None:
+    scorer = ScorerConfig(flavor="clip_score/tiny")
+    with pytest.raises(
+        PlanError, match=r"step 0 \(score\) requires columns \['caption', 'image', 'meta_json'\]"
+    ):
+        Plan(("key", "source"), [PlannedStep(ScoreSamples, scorer)]).check()
+    with pytest.raises(PlanError, match="frozen dataclass"):
+        Plan(("shard_index", "uris"), [PlannedStep(ReadShard, {"kind": "webdataset"})]).check()
+    with pytest.raises(ValueError, match=r"scorer\.clip_weights and scorer\.aesthetic_weights are required"):
+        ScorerConfig(flavor="clip_score/l14")
