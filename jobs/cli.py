@@ -32,6 +32,39 @@ def _cmd_flavors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_job(args: argparse.Namespace) -> int:
+    from jobs.config import load_config
+    from jobs.pipeline_jobs import JOBS, run_job
+
+    config = load_config(JOBS[args.command].config_cls, args.config, args.set or ())
+    run_job(args.command, config, address=args.address)
+    return 0
+
+
+def _job_epilog(name: str) -> str:
+    from jobs.config import describe
+    from jobs.pipeline_jobs import JOBS
+
+    fields = "\n".join(f"  {line}" for line in describe(JOBS[name].config_cls))
+    return f"config fields (YAML keys, or --set KEY=VALUE):\n{fields}"
+
+
+def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
+    from jobs.pipeline_jobs import JOBS
+
+    for name, job in JOBS.items():
+        p = sub.add_parser(
+            name, help=job.help, description=job.help, epilog=_job_epilog(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        p.add_argument("--config", help="YAML file with the job config")
+        p.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)"
+        )
+        p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+        p.set_defaults(func=_cmd_job)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cascade",
@@ -39,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "then train on the cache.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_job_parsers(sub)
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("doctor", "print versions, flavors, the Ray status and whether CUDA is present", _cmd_doctor),
         ("flavors", "list every model flavor with its exact parameter count (meta device)", _cmd_flavors),
@@ -60,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"cascade {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        print(f"cascade {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

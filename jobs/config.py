@@ -55,10 +55,14 @@ def _nested_dataclass(tp: Any) -> type | None:
     return None
 
 
-def _coerce(tp: Any, value: Any) -> Any:
+def _coerce(tp: Any, value: Any, name: str = "") -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return from_dict(tp, value, f"{name}.")
     if isinstance(value, list) and typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
-        return tuple(_coerce(args[0], v) for v in value) if args and args[-1] is Ellipsis else tuple(value)
+        if args and args[-1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
+        return tuple(value)
     if isinstance(value, list) and typing.get_origin(tp) in (typing.Union, types.UnionType):
         tuple_types = [a for a in typing.get_args(tp) if typing.get_origin(a) is tuple]
         return _coerce(tuple_types[0], value) if tuple_types else value
@@ -72,7 +76,9 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(f"{prefix}{k}" for k in unknown)
-        raise ConfigError(f"unknown config field(s) {names}; allowed: {', '.join(prefix + f for f in fields)}")
+        raise ConfigError(
+            f"unknown config field(s) {names}; allowed: {', '.join(prefix + f for f in fields)}"
+        )
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -80,11 +86,13 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         if nested is not None and isinstance(value, dict):
             kwargs[name] = from_dict(nested, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(hints[name], value)
+            kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
     missing = [
         name
         for name, f in fields.items()
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"missing required config field(s): {', '.join(prefix + m for m in missing)}")
@@ -104,7 +112,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         text = Path(path).read_text()
         loaded = yaml.safe_load(text)
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of fields, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of fields, got {type(loaded).__name__}"
+            )
         data = loaded or {}
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)

@@ -12,6 +12,7 @@ never relies on ``ImageFile.LOAD_TRUNCATED_IMAGES`` (and warns if something in t
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -85,7 +86,9 @@ def _open(data: bytes, max_pixels: int, formats: Sequence[str]) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise
     except Exception as e:  # UnidentifiedImageError, SyntaxError, struct.error, ... from header parsing
-        raise ImageError("not an image", f"{type(e).__name__}: {e}") from e
+        # drop object reprs ("<_io.BytesIO object at 0x...>") so the same input gives the same detail
+        detail = re.sub(r"<[^>]* at 0x[0-9a-f]+>", "<bytes>", f"{type(e).__name__}: {e}")
+        raise ImageError("not an image", detail) from e
     width, height = im.size
     if width < 1 or height < 1:
         raise ImageError("not an image", f"header claims {width}x{height} px")
