@@ -69,13 +69,15 @@ def map_step(ds: ray.data.Dataset, planned: PlannedStep) -> ray.data.Dataset:
         "zero_copy_batch": False,
     }
     if planned.step.stateful:
+        actor = type(f"{planned.step.__name__}Actor", (_RunStateful,), {})  # named for Ray's progress/stats
         return ds.map_batches(
-            _RunStateful,
+            actor,
             compute=ActorPoolStrategy(size=res.concurrency),
             fn_constructor_kwargs={"step": planned.step, "config": planned.config},
             **common,
         )
     task = functools.partial(_run_stateless, planned.step, planned.config)
+    task.__name__ = planned.step.__name__  # type: ignore[attr-defined]  (named for Ray's progress/stats)
     return ds.map_batches(task, compute=TaskPoolStrategy(size=res.concurrency), **common)
 
 

@@ -14,6 +14,13 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> to
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return randomize_bn_(model, seed + 1)
+
+
+def randomize_bn_(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Non-default BatchNorm statistics, so a round trip that dropped buffers would show."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
         for name, buf in model.named_buffers():
             if name.endswith("running_mean"):
                 buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1)

@@ -16,6 +16,7 @@ from stages.effnet import (
     EffnetStage,
     imagenet_normalize,
 )
+from tests.helpers import randomize_bn_
 
 MAPPER_KEYS = {
     "mapper.0.weight",
@@ -25,20 +26,9 @@ MAPPER_KEYS = {
 }
 
 
-def _randomize_bn_stats_(model: torch.nn.Module, seed: int = 1) -> None:
-    """Non-default BN statistics, so a state dict round trip that drops buffers would show."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1)
-            elif name.endswith("running_var"):
-                buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
-
-
 def _tiny(seed: int = 1) -> EfficientNetEncoder:
     model = EfficientNetEncoder(FLAVORS["effnet/tiny"])
-    _randomize_bn_stats_(model, seed)
+    randomize_bn_(model, seed)
     return model
 
 

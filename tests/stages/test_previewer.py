@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stages.previewer import FLAVORS, Previewer
+from tests.helpers import randomize_bn_
 
 KEY_INDICES = {0, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18, 20, 21, 23, 24}
 BN_INDICES = {2, 5, 8, 11, 14, 17, 20, 23}
@@ -26,15 +27,7 @@ RELEASED_WEIGHT_SHAPES = {
 
 
 def _tiny(seed: int = 1) -> Previewer:
-    model = Previewer(FLAVORS["previewer/tiny"]).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1)
-            elif name.endswith("running_var"):
-                buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
-    return model
+    return randomize_bn_(Previewer(FLAVORS["previewer/tiny"]).eval(), seed)
 
 
 def test_released_flavor_count_and_keys_on_meta():
