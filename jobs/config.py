@@ -121,23 +121,31 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     return from_dict(cls, data)
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per field, ``name (type) = default``, for ``--help``."""
+def _default(f: dataclasses.Field, parent: Any) -> Any:
+    if parent is not None:
+        return getattr(parent, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per field, ``name (type) = default``, for ``--help`` (nested sections flattened)."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
+        value = _default(f, defaults)
         nested = _nested_dataclass(hints[f.name])
         if nested is not None:
-            lines.extend(describe(nested, f"{prefix}{f.name}."))
+            lines.extend(
+                describe(nested, f"{prefix}{f.name}.", value if dataclasses.is_dataclass(value) else None)
+            )
             continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
-        else:
-            default = "(required)"
+        default = "(required)" if value is dataclasses.MISSING else repr(value)
         type_name = getattr(hints[f.name], "__name__", str(hints[f.name])).replace("typing.", "")
         lines.append(f"{prefix}{f.name} ({type_name}) = {default}")
     return lines

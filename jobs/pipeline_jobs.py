@@ -15,7 +15,33 @@ from typing import Any
 
 from pipelines.filter import FilterConfig, run_filter
 from pipelines.ingest import IngestConfig, run_ingest
+from pipelines.ingest_urls import UrlIngestConfig, ingest_urls
 from pipelines.score import ScoreConfig, run_score
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestJobConfig:
+    """``cascade ingest``: exactly one of ``existing`` (tars, Parquet, folders) or ``urls`` (img2dataset)."""
+
+    existing: IngestConfig | None = None
+    urls: UrlIngestConfig | None = None
+
+    def __post_init__(self) -> None:
+        if (self.existing is None) == (self.urls is None):
+            raise ValueError(
+                "set exactly one of existing (WebDataset/Parquet/folder data) or urls (a URL list)"
+            )
+
+
+def run_ingest_job(config: IngestJobConfig) -> Any:
+    if config.urls is not None:
+        result = ingest_urls(config.urls)
+        reasons: dict[str, int] = {}
+        for reason in result.rejects["reason"].to_pylist():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        return {"output_dir": result.output_dir, "n_input": result.n_input, "n_samples": result.n_success,
+                "n_rejected": result.rejects.num_rows, "reject_reasons": reasons}  # fmt: skip
+    return run_ingest(config.existing)
 
 
 def init_ray(address: str | None = None) -> None:
@@ -43,8 +69,8 @@ class Job:
 
 
 JOBS: dict[str, Job] = {
-    "ingest": Job("ingest", IngestConfig, run_ingest, True,
-                  "read WebDataset tars, Parquet or image folders into validated image–text shards"),
+    "ingest": Job("ingest", IngestJobConfig, run_ingest_job, True,
+                  "URL lists (img2dataset, SSRF-guarded) or WebDataset/Parquet/folders into image–text shards"),
     "score": Job("score", ScoreConfig, run_score, True,
                  "CLIP aesthetic + image–text similarity + size scores per key, with the CLIP-L embedding"),
     "filter": Job("filter", FilterConfig, run_filter, False,

@@ -27,6 +27,8 @@ Image.init()
 DEFAULT_FORMATS: tuple[str, ...] = tuple(
     f for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF") if f in Image.OPEN
 )
+#: Pillow's own default limit (~9459² px, 256 MiB as RGB); above it Pillow itself warns of a bomb.
+PILLOW_MAX_PIXELS = 89_478_485
 
 # EXIF orientation -> transposition that displays the image upright (the table of ImageOps.exif_transpose).
 _ORIENTATION_TRANSPOSE = {

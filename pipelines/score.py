@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.images import ImageError, decode_rgb, to_float_chw
+from pipelines.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb, to_float_chw
 from pipelines.plan import Plan, PlannedStep
 from pipelines.sink import WriteParquet, WriteParquetConfig, summarize
 from pipelines.sources import READ_COLUMNS, SourceConfig, list_shards, read_shard
@@ -59,7 +59,7 @@ class ScorerConfig:
     clip_weights: str | None = None
     aesthetic_weights: str | None = None
     device: str = "cpu"
-    max_pixels: int = 100_000_000
+    max_pixels: int = PILLOW_MAX_PIXELS
 
     def __post_init__(self) -> None:
         from stages.scorers import FLAVORS
@@ -80,7 +80,7 @@ class ScoreConfig:
 
     shards: SourceConfig
     output_dir: str
-    scorer: ScorerConfig = dataclasses.field(default_factory=ScorerConfig)
+    scorer: ScorerConfig
     output_endpoint_url: str | None = None
     read_resources: Resources = dataclasses.field(
         default_factory=lambda: Resources(batch_size=1, concurrency=2)

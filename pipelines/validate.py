@@ -10,16 +10,22 @@ every key. Any unexpected exception becomes the reject "unexpected error" with t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from pipelines.images import DEFAULT_FORMATS, ImageError, check_geometry, decode_rgb, probe_image
+from pipelines.images import (
+    DEFAULT_FORMATS,
+    PILLOW_MAX_PIXELS,
+    ImageError,
+    check_geometry,
+    decode_rgb,
+    probe_image,
+)
 from pipelines.step import (
     Batch,
-    Resources,
     Step,
     batch_size,
     healthy,
@@ -40,9 +46,6 @@ from schemas.columns import (
     WIDTH,
 )
 
-#: Pillow's own default limit (~9459² px, 256 MiB as RGB); above it Pillow itself warns of a bomb.
-PILLOW_MAX_PIXELS = 89_478_485
-
 
 @dataclass(frozen=True, kw_only=True)
 class ValidateConfig:
@@ -56,7 +59,6 @@ class ValidateConfig:
         max_caption_bytes: refuse captions longer than this in UTF-8 ("caption too long").
         allow_empty_caption: accept empty or whitespace-only captions instead of rejecting them.
         formats: Pillow format ids that may open the bytes; anything else is "not an image".
-        resources: how the step runs on the cluster.
     """
 
     max_pixels: int = PILLOW_MAX_PIXELS
@@ -65,7 +67,6 @@ class ValidateConfig:
     max_caption_bytes: int = 10_000
     allow_empty_caption: bool = False
     formats: tuple[str, ...] = DEFAULT_FORMATS
-    resources: Resources = field(default_factory=Resources)
 
     def __post_init__(self) -> None:
         pillow_limit = Image.MAX_IMAGE_PIXELS
@@ -87,8 +88,6 @@ class ValidateConfig:
         unknown = [f for f in self.formats if f not in Image.OPEN]
         if not self.formats or unknown or isinstance(self.formats, str):
             raise ValueError(f"formats={self.formats!r} must be a non-empty tuple of {sorted(Image.OPEN)}")
-        if not isinstance(self.resources, Resources):
-            raise TypeError(f"resources={self.resources!r} must be a pipelines.step.Resources")
 
 
 class _Reject(Exception):

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipelines.validate as validate_module
-from pipelines.step import Resources, object_column
+from pipelines.step import object_column
 from pipelines.validate import ValidateConfig, ValidateSamples
 from schemas.columns import (
     CAPTION,
@@ -61,7 +61,7 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
 
 
 def test_config_is_frozen_keyword_only_and_checked():
-    cfg = ValidateConfig(resources=Resources(batch_size=8))
+    cfg = ValidateConfig()
     with pytest.raises(AttributeError):
         cfg.min_side_px = 1
     with pytest.raises(TypeError):

@@ -1,0 +1,240 @@
+"""URL-list ingest: real LAION URL paths served from 127.0.0.1, downloaded by img2dataset (Ray and multiprocessing)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from pipelines.ingest_urls import REJECTS_SCHEMA, UrlIngestConfig, ingest_urls, read_url_list, short_reason
+from pipelines.ssrf import UrlPolicy
+from tests.pipelines.http_server import PhotoServer, photos
+
+LAION = Path(__file__).resolve().parents[1] / "data" / "laion_urls_200.parquet"
+N_ROWS = 40
+NOT_FOUND = {1, 5, 9, 13}
+HTML = {2, 17, 30}
+HANG = {3, 22}
+LOOPBACK = UrlPolicy(allow_networks=("127.0.0.0/8",))
+
+
+@pytest.fixture(scope="module")
+def server():
+    with PhotoServer(hang_s=3.0) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def url_list(server, tmp_path_factory) -> Path:
+    """The first 40 LAION rows, rewritten to the local server; some rows 404, answer HTML or hang."""
+    table = pq.read_table(LAION).slice(0, N_ROWS)
+    urls = server.serve_urls(table["URL"].to_pylist(), not_found=NOT_FOUND, html=HTML, hang=HANG)
+    path = tmp_path_factory.mktemp("lists") / "laion_local.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": table["TEXT"]}), path)
+    return path
+
+
+def _config(url_list: Path, output_dir: Path, **overrides) -> UrlIngestConfig:
+    base = dict(
+        input_path=str(url_list),
+        output_dir=str(output_dir),
+        url_col="URL",
+        caption_col="TEXT",
+        timeout_s=1.0,
+        thread_count=16,
+        number_sample_per_shard=16,
+        url_policy=LOOPBACK,
+    )
+    return UrlIngestConfig(**(base | overrides))
+
+
+def _read_tars(output_dir: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted(output_dir.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def test_ingest_on_ray_keeps_originals_and_rejects_every_failure(ray_local, server, url_list, tmp_path):
+    out = tmp_path / "shards"
+    result = ingest_urls(_config(url_list, out, distributor="ray"))
+
+    assert result.n_input == N_ROWS
+    assert result.n_success + result.rejects.num_rows == N_ROWS
+    assert result.n_success == N_ROWS - len(NOT_FOUND | HTML | HANG)
+    rejects = result.rejects.to_pylist()
+    reasons = {r["row_index"]: r["reason"] for r in rejects}
+    assert reasons == {i: "http 404" for i in NOT_FOUND} | {i: "not an image" for i in HTML} | {
+        i: "timeout" for i in HANG
+    }
+    assert all(r["step"] == "ingest" and r["key"] and r["detail"] for r in rejects)
+    assert pq.read_table(out / "rejects.parquet").equals(result.rejects)
+    assert result.rejects.schema.equals(REJECTS_SCHEMA)
+
+    # img2dataset's layout: NNNNN.tar/.parquet/_stats.json per shard of 16 URLs.
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"0000{i}{ext}" for i in range(3) for ext in (".tar", ".parquet", "_stats.json")]
+        + ["rejects.parquet"]
+    )
+    stats = [json.loads((out / f"0000{i}_stats.json").read_text()) for i in range(3)]
+    assert sum(s["count"] for s in stats) == N_ROWS
+    assert sum(s["successes"] for s in stats) == result.n_success
+
+    captions = pq.read_table(LAION)["TEXT"].to_pylist()
+    samples = _read_tars(out)
+    assert len(samples) == result.n_success
+    for key, members in samples.items():
+        assert set(members) == {"jpg", "txt", "json"}
+        meta = json.loads(members["json"])
+        row = meta["row_index"]
+        assert meta["key"] == key and meta["status"] == "success"
+        assert members["txt"].decode() == captions[row]
+        assert members["jpg"] == photos()[row % 4]  # resize_mode="no": the served bytes, untouched
+    assert {r["row_index"] for r in rejects}.isdisjoint(
+        json.loads(m["json"])["row_index"] for m in samples.values()
+    )
+
+
+def test_rerun_is_incremental_and_refuses_a_different_list(ray_local, server, url_list, tmp_path):
+    out = tmp_path / "shards"
+    first = ingest_urls(_config(url_list, out, distributor="ray", number_sample_per_shard=64))
+    before = (out / "00000.tar").stat().st_mtime_ns
+    again = ingest_urls(_config(url_list, out, distributor="ray", number_sample_per_shard=64))
+    assert (out / "00000.tar").stat().st_mtime_ns == before  # complete shard not redone
+    assert again.n_success == first.n_success and again.rejects.equals(first.rejects)
+
+    other = tmp_path / "other.parquet"
+    pq.write_table(pq.read_table(url_list).slice(1), other)
+    with pytest.raises(ValueError, match="different URL list"):
+        ingest_urls(_config(other, out, distributor="ray", number_sample_per_shard=64))
+
+
+def test_multiprocessing_with_center_crop_resizes(server, url_list, tmp_path):
+    small = tmp_path / "small.csv"
+    pa_csv.write_csv(pq.read_table(url_list).slice(0, 8), small)  # rows 1, 2, 3, 5 misbehave
+    out = tmp_path / "resized"
+    config = _config(small, out, distributor="multiprocessing", processes_count=1)
+    config = UrlIngestConfig(**(config.__dict__ | {"resize_mode": "center_crop", "image_size_px": 64}))
+    result = ingest_urls(config)
+    assert (result.n_success, result.rejects.num_rows) == (4, 4)
+    samples = _read_tars(out)
+    assert len(samples) == 4
+    for members in samples.values():
+        assert Image.open(io.BytesIO(members["jpg"])).size == (64, 64)
+
+
+def test_default_policy_refuses_loopback_before_any_request(server, url_list, tmp_path):
+    jsonl = tmp_path / "list.jsonl"
+    rows = pq.read_table(url_list).to_pylist()
+    jsonl.write_text("".join(json.dumps({"url": r["URL"], "caption": r["TEXT"]}) + "\n" for r in rows))
+    requests_before = sum(server.requests.values())
+    out = tmp_path / "refused"
+    result = ingest_urls(
+        UrlIngestConfig(input_path=str(jsonl), output_dir=str(out), distributor="multiprocessing")
+    )
+
+    assert (result.n_input, result.n_success, result.rejects.num_rows) == (N_ROWS, 0, N_ROWS)
+    assert Counter(result.rejects["reason"].to_pylist()) == {
+        "host resolves to loopback address 127.0.0.1": N_ROWS
+    }
+    assert result.rejects["key"].to_pylist() == [""] * N_ROWS
+    assert result.rejects["row_index"].to_pylist() == list(range(N_ROWS))
+    assert sum(server.requests.values()) == requests_before
+    assert sorted(p.name for p in out.iterdir()) == ["rejects.parquet"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_read_url_list_formats_agree(url_list, tmp_path, fmt):
+    table = pq.read_table(url_list).rename_columns(["url", "caption"])
+    path = tmp_path / f"list.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+    elif fmt == "parquet":
+        pq.write_table(table, path)
+    else:
+        pa_csv.write_csv(table, path, pa_csv.WriteOptions(delimiter="\t" if fmt == "tsv" else ","))
+    read = read_url_list(UrlIngestConfig(input_path=str(path), output_dir=str(tmp_path / "o")))
+    assert read.column_names == ["url", "caption", "row_index"]
+    assert read["url"].to_pylist() == table["url"].to_pylist()
+    assert read["caption"].to_pylist() == table["caption"].to_pylist()
+    assert read["row_index"].to_pylist() == list(range(N_ROWS))
+
+
+def test_missing_column_is_named(url_list, tmp_path):
+    with pytest.raises(ValueError, match=r"lacks columns \['url', 'caption'\]"):
+        read_url_list(UrlIngestConfig(input_path=str(url_list), output_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"input_path": "list.txt"}, "input_path"),
+        ({"input_format": "xlsx"}, "input_format"),
+        ({"resize_mode": "stretch"}, "resize_mode"),
+        ({"resize_mode": "border"}, "image_size_px"),
+        ({"distributor": "spark"}, "distributor"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"retries": -1}, "retries"),
+        ({"thread_count": 0}, "thread_count"),
+        ({"number_sample_per_shard": 0}, "number_sample_per_shard"),
+        ({"encode_format": "png", "encode_quality": 95}, "encode_quality"),
+        ({"caption_col": "url"}, "caption_col"),
+        ({"additional_cols": ("width",)}, "additional_cols"),
+        ({"incremental_mode": "extend"}, "incremental_mode"),
+        ({"url_policy": {"allow_hosts": ["x"]}}, "url_policy"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        UrlIngestConfig(**({"input_path": "list.parquet", "output_dir": "out"} | overrides))
+
+
+def test_ignored_options_warn():
+    with pytest.warns(UserWarning, match="image_size_px"):
+        UrlIngestConfig(input_path="l.parquet", output_dir="o", image_size_px=256)
+    with pytest.warns(UserWarning, match="processes_count"):
+        UrlIngestConfig(input_path="l.parquet", output_dir="o", distributor="ray", processes_count=4)
+
+
+def test_ray_distributor_needs_an_initialised_ray(monkeypatch, url_list, tmp_path):
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(ValueError, match=r"ray\.init"):
+        ingest_urls(_config(url_list, tmp_path / "o", distributor="ray"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "reason"),
+    [
+        ("failed_to_download", "HTTP Error 404: Not Found", "http 404"),
+        ("failed_to_download", "HTTP Error 503: Service Unavailable", "http 503"),
+        ("failed_to_download", "<urlopen error timed out>", "timeout"),
+        ("failed_to_download", "The read operation timed out", "timeout"),
+        ("failed_to_download", "<urlopen error [Errno 111] Connection refused>", "connection refused"),
+        ("failed_to_download", "<urlopen error [Errno -2] Name or service not known>", "dns error"),
+        (
+            "failed_to_download",
+            "Use of image disallowed by X-Robots-Tag directive",
+            "disallowed by X-Robots-Tag",
+        ),
+        ("failed_to_download", "hash mismatch", "hash mismatch"),
+        ("failed_to_download", "something odd", "download error"),
+        ("failed_to_resize", "Image decoding error", "not an image"),
+        ("failed_to_resize", "image too small", "image too small"),
+        ("failed_to_resize", "OpenCV(4.14) error: ...", "resize error"),
+    ],
+)
+def test_short_reason(status, message, reason):
+    assert short_reason(status, message) == reason
