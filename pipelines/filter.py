@@ -18,6 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipelines.shards import write_bytes
+from schemas import validate_table
 from schemas.columns import KEY, SOURCE
 
 _COMPARE = {"<": pc.less, "<=": pc.less_equal, ">": pc.greater, ">=": pc.greater_equal, "==": pc.equal,
@@ -102,6 +103,9 @@ def _dataset(config: FilterConfig) -> pads.Dataset:
     files = sorted(p for p in fs.find(root) if p.endswith(".parquet") and "/rejects/" not in p)
     if not files:
         raise FileNotFoundError(f"scores_dir={config.scores_dir!r}: no score Parquet files found")
+    for path in files:  # refuse anything that is not scores@1 before reading a single row
+        with fs.open(path, "rb") as f:
+            validate_table(pq.read_schema(f).empty_table(), "scores@1", source=path)
     return pads.dataset(files, format="parquet", filesystem=fs)
 
 

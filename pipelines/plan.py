@@ -8,7 +8,6 @@ step's ``Resources``, never from the driver's hardware.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -76,8 +75,12 @@ def map_step(ds: ray.data.Dataset, planned: PlannedStep) -> ray.data.Dataset:
             fn_constructor_kwargs={"step": planned.step, "config": planned.config},
             **common,
         )
-    task = functools.partial(_run_stateless, planned.step, planned.config)
-    task.__name__ = planned.step.__name__  # type: ignore[attr-defined]  (named for Ray's progress/stats)
+    step, config = planned.step, planned.config
+
+    def task(batch: Batch) -> Iterator[Batch]:
+        yield from _run_stateless(step, config, batch)
+
+    task.__name__ = task.__qualname__ = step.__name__  # named for Ray's progress bars and stats
     return ds.map_batches(task, compute=TaskPoolStrategy(size=res.concurrency), **common)
 
 

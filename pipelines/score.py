@@ -133,10 +133,12 @@ class ScoreSamples(Step):
 
         flavor = FLAVORS[config.flavor]
         if config.clip_weights is None:
-            self.scorer = ClipScorer(flavor).to(config.device)
+            scorer = ClipScorer(flavor)
         else:
-            self.scorer = ClipScorer.load(flavor, clip_weights=config.clip_weights,
-                                          aesthetic_weights=config.aesthetic_weights, device=config.device)  # fmt: skip
+            scorer = ClipScorer.load(
+                flavor, clip_weights=config.clip_weights, aesthetic_weights=config.aesthetic_weights
+            )
+        self.scorer = scorer.to(config.device)
         self.torch = torch
 
     def _outputs(self, n: int) -> Batch:

@@ -87,6 +87,27 @@ def test_stored_embedding_equals_a_direct_scorer_pass(scored) -> None:
     assert row["aesthetic_score"] == pytest.approx(direct.aesthetic.item(), abs=1e-5)
 
 
+def test_score_step_loads_weight_files(tmp_path) -> None:
+    """A scorer given weight files (the path real ViT-L/14 weights take) scores exactly like the saved one."""
+    from stages.scorers import FLAVORS, ClipScorer
+    from stages.weights import save_weights
+
+    original = ClipScorer(FLAVORS["clip_score/tiny"], seed=7)
+    save_weights(original.clip.state_dict(), tmp_path / "clip.safetensors")
+    save_weights(original.aesthetic.state_dict(), tmp_path / "aesthetic.safetensors")
+    config = ScorerConfig(flavor="clip_score/tiny", clip_weights=str(tmp_path / "clip.safetensors"),
+                          aesthetic_weights=str(tmp_path / "aesthetic.safetensors"))  # fmt: skip
+    step = ScoreSamples(config)
+    batch = {"key": np.asarray(["coffee"], dtype=object), "source": np.asarray(["s"], dtype=object),
+             "caption": np.asarray([captions()["coffee"]], dtype=object),
+             "image": np.asarray([jpeg("coffee")], dtype=object), "meta_json": np.asarray(["{}"], dtype=object)}  # fmt: skip
+    out = step(batch)
+    image = torch.from_numpy(to_float_chw(decode_rgb(jpeg("coffee"), max_pixels=10**8)))
+    expected = original.score([image], [captions()["coffee"]])
+    assert np.allclose(out["clip_image_embeds"][0], expected.image_embeds[0].numpy(), atol=1e-6)
+    assert out["aesthetic_score"][0] == pytest.approx(expected.aesthetic.item(), abs=1e-5)
+
+
 def test_filter_rules_and_drop_counts(scored, tmp_path) -> None:
     _, table, config = scored
     widths = sorted(table["width"].to_pylist())
@@ -116,6 +137,19 @@ def test_filter_refuses_unknown_fields_and_ops(scored, tmp_path) -> None:
         Rule(field="caption", op="=~", value="cat")
     with pytest.raises(ValueError, match="needs a list"):
         Rule(field="key", op="in", value="cat")
+
+
+def test_filter_refuses_files_that_are_not_scores(tmp_path) -> None:
+    from pipelines.sink import rejects_table
+
+    batch = {"key": np.asarray(["a"], dtype=object), "source": np.asarray(["s"], dtype=object),
+             "reject_step": np.asarray(["x"], dtype=object), "reject_reason": np.asarray(["y"], dtype=object),
+             "reject_detail": np.asarray([""], dtype=object)}  # fmt: skip
+    (tmp_path / "scores").mkdir()
+    pq.write_table(rejects_table(batch, np.asarray([0])), tmp_path / "scores" / "part-0.parquet")
+    with pytest.raises(ValueError, match=r"part-0\.parquet: file has rejects@1, expected scores@1"):
+        run_filter(FilterConfig(scores_dir=str(tmp_path / "scores"), output_dir=str(tmp_path),
+                                rules=(Rule(field="width", op=">", value=1),)))  # fmt: skip
 
 
 def test_plan_checks_columns_and_configs_without_ray() -> None:

@@ -76,6 +76,17 @@ def test_released_flavor_forward_on_small_input():
     assert torch.isfinite(latents).all()
 
 
+def test_released_backbone_computes_exactly_what_torchvision_computes():
+    """Same weights in torchvision's efficientnet_v2_s(weights=None).features and in ours: same features."""
+    reference = efficientnet_v2_s(weights=None).features.eval()
+    randomize_bn_(reference, seed=3)
+    ours = EfficientNetEncoder(FLAVORS["effnet"])
+    ours.backbone.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours.backbone(x), reference(x))
+
+
 def test_stays_in_eval_mode_and_keeps_bn_statistics():
     model = _tiny()
     assert not model.training
