@@ -7,6 +7,7 @@ never downloads: weights come from a path or fsspec URL the user gives (``build_
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,11 +52,21 @@ class Flavor:
     def tiny(self) -> bool:
         return self.name.endswith("/tiny")
 
+    @property
+    def seed(self) -> int:
+        """The seed of this flavor's random init: every process builds the same random weights."""
+        return zlib.crc32(self.name.encode())
+
     def build(
         self, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> nn.Module:
-        """Instantiate with random (official) init; ``device="meta"`` allocates nothing."""
-        with torch.device(device or "cpu"):
+        """Instantiate with the official init, seeded by the flavor name; ``device="meta"`` allocates nothing.
+
+        Seeding matters for random-weight (tiny) flavors: two Ray actors must hold identical models.
+        The global RNG state is left untouched.
+        """
+        with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+            torch.manual_seed(self.seed)
             model = self.model_cls(self.config)
         return model.to(dtype=dtype) if dtype is not None else model
 
@@ -130,7 +141,7 @@ def build_model(
     flavor = get_flavor(name)
     sha = None
     if weights is None:
-        model = flavor.build(device=device)
+        model = flavor.build(device="cpu")
     elif flavor.family in ("clip_text", "clip_vision"):
         model = flavor.model_cls.from_local_dir(flavor.config, os.fspath(weights))
         sha = model.weights_sha256

@@ -137,3 +137,9 @@ def save_weights(
     with fsspec.open(os.fspath(path), "wb", **(storage_options or {})) as f:
         f.write(data)
     return hashlib.sha256(data).hexdigest()
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict as safetensors bytes: the fingerprint of random-init (tiny) weights."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return hashlib.sha256(save_safetensors_bytes(tensors)).hexdigest()

@@ -41,6 +41,19 @@ def test_exact_counts_on_meta(name: str) -> None:
     assert get_flavor(name).num_params() == RELEASED_COUNTS[name]
 
 
+def test_random_init_is_seeded_by_flavor_and_keeps_global_rng() -> None:
+    """Two Ray actors building the same tiny flavor must hold identical weights."""
+    from stages.weights import state_dict_sha256
+
+    before = torch.random.get_rng_state()
+    a, b = build_model("stage_c/tiny")[0], build_model("stage_c/tiny")[0]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert state_dict_sha256(a.state_dict()) == state_dict_sha256(b.state_dict())
+    text_a, text_b = build_model("clip_text/tiny")[0], build_model("clip_text/tiny")[0]
+    assert state_dict_sha256(text_a.state_dict()) == state_dict_sha256(text_b.state_dict())
+    assert state_dict_sha256(a.state_dict()) != state_dict_sha256(build_model("stage_b/tiny")[0].state_dict())
+
+
 def test_unknown_flavor_lists_known_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown flavor 'stage_c/2b'; known flavors: .*stage_c/1b"):
         get_flavor("stage_c/2b")
