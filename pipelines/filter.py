@@ -11,13 +11,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipelines.shards import write_bytes
+from pipelines.sink import list_parquet
 from schemas import validate_table
 from schemas.columns import KEY, SOURCE
 
@@ -99,10 +99,10 @@ class FilterSummary:
 
 def _dataset(config: FilterConfig) -> pads.Dataset:
     options = {"endpoint_url": config.endpoint_url} if config.endpoint_url else {}
-    fs, root = fsspec.core.url_to_fs(config.scores_dir, **options)
-    files = sorted(p for p in fs.find(root) if p.endswith(".parquet") and "/rejects/" not in p)
-    if not files:
-        raise FileNotFoundError(f"scores_dir={config.scores_dir!r}: no score Parquet files found")
+    try:
+        files, fs = list_parquet(config.scores_dir, options)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"scores_dir: {exc}") from None
     for path in files:  # refuse anything that is not scores@1 before reading a single row
         with fs.open(path, "rb") as f:
             validate_table(pq.read_schema(f).empty_table(), "scores@1", source=path)

@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -106,6 +107,17 @@ class WriteParquet(Step):
             write_bytes(f"{base}/rejects/part-{part}.parquet", _to_bytes(rejects_table(batch, bad)), options)
         return {"n_written": np.asarray([len(ok)]), "n_rejected": np.asarray([len(bad)]),
                 "part": np.asarray([part], dtype=object)}  # fmt: skip
+
+
+def list_parquet(path: str, storage_options: dict[str, Any] | None = None) -> tuple[list[str], Any]:
+    """The data Parquet files under ``path`` (a file or a directory; ``rejects/`` excluded) and their filesystem."""
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if fs.isfile(root):
+        return [root], fs
+    files = sorted(p for p in fs.find(root) if p.endswith(".parquet") and "/rejects/" not in p)
+    if not files:
+        raise FileNotFoundError(f"{path!r}: no Parquet files found")
+    return files, fs
 
 
 def summarize(rows: list[dict[str, Any]]) -> tuple[int, int]:

@@ -59,6 +59,8 @@ class ValidateConfig:
         max_caption_bytes: refuse captions longer than this in UTF-8 ("caption too long").
         allow_empty_caption: accept empty or whitespace-only captions instead of rejecting them.
         formats: Pillow format ids that may open the bytes; anything else is "not an image".
+        full_decode: decode every image once to catch truncation; a pipeline that decodes right after
+            (encode) turns it off and reports truncation from its own decode.
     """
 
     max_pixels: int = PILLOW_MAX_PIXELS
@@ -67,6 +69,7 @@ class ValidateConfig:
     max_caption_bytes: int = 10_000
     allow_empty_caption: bool = False
     formats: tuple[str, ...] = DEFAULT_FORMATS
+    full_decode: bool = True
 
     def __post_init__(self) -> None:
         pillow_limit = Image.MAX_IMAGE_PIXELS
@@ -198,6 +201,8 @@ class ValidateSamples(Step):
         check_geometry(
             info.width, info.height, min_side_px=cfg.min_side_px, max_aspect_ratio=cfg.max_aspect_ratio
         )
+        if not cfg.full_decode:
+            return info.format, info.width, info.height
         rgb = decode_rgb(data, max_pixels=cfg.max_pixels, formats=cfg.formats)
         height, width = rgb.shape[:2]  # authoritative: a PNG's eXIf may only show up after decoding
         return info.format, width, height

@@ -1,0 +1,178 @@
+"""`cascade encode` on a local Ray with tiny flavors: exactness, both formats, buckets, exactly once, staleness."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.encode import EncodeConfig, run_encode
+from pipelines.encode_steps import EncoderConfig
+from pipelines.images import decode_rgb, to_float_chw
+from pipelines.ingest import IngestConfig, run_ingest
+from pipelines.latents_reader import read_latents
+from pipelines.preprocess import PreprocessConfig, crop_for_encoding
+from pipelines.sources import SourceConfig
+from stages.flavors import build_model
+from tests.pipelines import corrupt
+from tests.pipelines.photos import PHOTOS, captions, jpeg
+
+
+def _tar(samples: dict[str, tuple[bytes, str]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for key, (image, caption) in samples.items():
+            for ext, data in (("jpg", image), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory):
+    """Two ingested shards of real photos (3 + 2 samples)."""
+    root = tmp_path_factory.mktemp("encode")
+    (root / "src").mkdir()
+    names = list(PHOTOS)
+    (root / "src" / "a.tar").write_bytes(_tar({n: (jpeg(n), captions()[n]) for n in names[:3]}))
+    (root / "src" / "b.tar").write_bytes(_tar({n: (jpeg(n), captions()[n]) for n in names[3:]}))
+    run_ingest(
+        IngestConfig(
+            source=SourceConfig(kind="webdataset", path=str(root / "src")), output_dir=str(root / "shards")
+        )
+    )
+    return root / "shards"
+
+
+def _config(shards, out, **overrides) -> EncodeConfig:
+    return EncodeConfig(
+        shards=SourceConfig(kind="webdataset", path=str(shards)), output_dir=str(out), **overrides
+    )
+
+
+def _rows(out, fmt: str = "parquet") -> dict[str, dict]:
+    rows = {}
+    for batch in read_latents(str(out), fmt):
+        for i, key in enumerate(batch["key"]):
+            assert key not in rows, f"duplicate key {key}"
+            rows[key] = {c: v[i] for c, v in batch.items()}
+    return rows
+
+
+@pytest.fixture(scope="module")
+def encoded(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("latents") / "out"
+    summary = run_encode(_config(shards, out))
+    return out, summary
+
+
+def test_counts_manifest_and_commit_log(encoded) -> None:
+    out, summary = encoded
+    assert (summary.n_encoded, summary.n_rejected, summary.n_shards) == (len(PHOTOS), 0, 2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema"] == "latents@1" and manifest["dtype"] == "float16"
+    assert set(manifest["encoder_flavors"]) == {"effnet", "clip_text", "clip_image"}
+    assert sorted(p.name for p in (out / "_commits").iterdir()) == ["00000.json", "00001.json"]
+    assert not (out / "_staging").exists() or not any((out / "_staging").iterdir())
+    assert summary.buckets == {"24x24": len(PHOTOS)}
+
+
+def test_stored_latents_equal_running_the_stage(encoded) -> None:
+    """fp16 storage holds exactly the fp16 rounding of the stage's output on the same preprocessed image."""
+    out, _ = encoded
+    rows = _rows(out)
+    effnet, _ = build_model("effnet/tiny")
+    text, _ = build_model("clip_text/tiny")
+    vision, _ = build_model("clip_vision/tiny")
+    for name in ("chelsea", "rocket"):
+        image = torch.from_numpy(to_float_chw(decode_rgb(jpeg(name), max_pixels=10**8)))
+        crop = crop_for_encoding(image, PreprocessConfig())
+        with torch.no_grad():
+            latent = effnet.encode(crop.pixels[None])[0]
+            clip_text, pooled = text([captions()[name]])
+            clip_img = vision(crop.pixels[None])[0]
+        row = rows[name]
+        assert row["effnet"].dtype == np.float16 and row["effnet"].shape == (16, 24, 24)
+        assert np.array_equal(row["effnet"], latent.half().numpy())
+        assert np.array_equal(row["clip_text"], clip_text[0].half().numpy())
+        assert np.array_equal(row["clip_text_pooled"].reshape(-1), pooled[0, 0].half().numpy())
+        assert np.array_equal(row["clip_img"].reshape(-1), clip_img.half().numpy())
+        assert (row["orig_width"], row["orig_height"]) == tuple(reversed(image.shape[-2:]))
+
+
+def test_parquet_and_webdataset_hold_identical_tensors(encoded) -> None:
+    out, _ = encoded
+    parquet, wds = _rows(out, "parquet"), _rows(out, "webdataset")
+    assert parquet.keys() == wds.keys() == set(PHOTOS)
+    for key, row in parquet.items():
+        for column in ("effnet", "clip_text", "clip_text_pooled", "clip_img"):
+            assert np.array_equal(row[column], wds[key][column]), (key, column)
+
+
+def test_fp32_matches_within_1e6_and_buckets(shards, tmp_path) -> None:
+    config = _config(shards, tmp_path / "fp32", dtype="float32", preprocess=PreprocessConfig(mode="buckets"),
+                     formats=("parquet",))  # fmt: skip
+    summary = run_encode(config)
+    assert sum(summary.buckets.values()) == len(PHOTOS) and len(summary.buckets) > 1
+    rows = _rows(tmp_path / "fp32")
+    effnet, _ = build_model("effnet/tiny")
+    image = torch.from_numpy(to_float_chw(decode_rgb(jpeg("chelsea"), max_pixels=10**8)))
+    crop = crop_for_encoding(image, config.preprocess)
+    with torch.no_grad():
+        latent = effnet.encode(crop.pixels[None])[0].numpy()
+    assert rows["chelsea"]["effnet"].shape == latent.shape and latent.shape[1] != latent.shape[2]
+    assert np.abs(rows["chelsea"]["effnet"] - latent).max() <= 1e-6
+    files = sorted(p.name for p in (tmp_path / "fp32" / "parquet").iterdir())
+    assert len({name.split("-")[1] for name in files}) == len(summary.buckets)  # one file per (shard, bucket)
+
+
+def test_resubmit_skips_committed_shards_and_stale_cache_is_refused(shards, encoded) -> None:
+    out, first = encoded
+    before = _rows(out)
+    again = run_encode(_config(shards, out))
+    assert again.n_skipped_shards == 2 and again.n_encoded == first.n_encoded
+    assert _rows(out).keys() == before.keys()
+    other = _config(shards, out, preprocess=PreprocessConfig(image_size_px=512))
+    with pytest.raises(ValueError, match="on_stale=reencode"):
+        run_encode(other)
+
+
+def test_reencode_replaces_a_stale_cache(shards, tmp_path) -> None:
+    out = tmp_path / "stale"
+    run_encode(_config(shards, out, formats=("parquet",)))
+    summary = run_encode(_config(shards, out, formats=("parquet",), on_stale="reencode",
+                                 preprocess=PreprocessConfig(image_size_px=512)))  # fmt: skip
+    assert summary.n_skipped_shards == 0 and summary.buckets == {"16x16": len(PHOTOS)}
+    assert {r["effnet"].shape for r in _rows(out).values()} == {(16, 16, 16)}
+
+
+def test_bad_rows_flow_to_rejects_and_kept_keys_filter(ray_local, tmp_path) -> None:
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "00000.tar").write_bytes(corrupt.samples_tar())
+    kept = [c.key for c in corrupt.cases() if c.name != "cmyk_jpeg"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"key": kept, "source": ["/x/00000.tar"] * len(kept)}), tmp_path / "kept.parquet")
+    summary = run_encode(_config(tmp_path / "raw", tmp_path / "out", kept_keys=str(tmp_path / "kept.parquet"),
+                                 formats=("parquet",)))  # fmt: skip
+    rejects = pq.read_table(tmp_path / "out" / "rejects" / "00000.parquet")
+    assert summary.n_rejected == rejects.num_rows > 0
+    assert {"decompression bomb", "truncated image", "not an image"} <= set(rejects["reason"].to_pylist())
+    assert "cmyk_jpeg" not in _rows(tmp_path / "out")
+
+
+def test_config_errors_name_the_field(tmp_path) -> None:
+    with pytest.raises(ValueError, match="weights is required for flavor effnet"):
+        EncoderConfig(flavor="effnet")
+    with pytest.raises(ValueError, match=r"clip_text\.flavor=.effnet/tiny. is not a clip_text flavor"):
+        _config(tmp_path, tmp_path, clip_text=EncoderConfig(flavor="effnet/tiny"))
+    with pytest.raises(ValueError, match="on_stale"):
+        _config(tmp_path, tmp_path, on_stale="ignore")
+    assert dataclasses.is_dataclass(EncodeConfig)
