@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.encode import EncodeConfig, run_encode
 from pipelines.filter import FilterConfig, run_filter
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.ingest_urls import UrlIngestConfig, ingest_urls
@@ -75,6 +76,8 @@ JOBS: dict[str, Job] = {
                  "CLIP aesthetic + image–text similarity + size scores per key, with the CLIP-L embedding"),
     "filter": Job("filter", FilterConfig, run_filter, False,
                   "apply declarative rules to stored scores; write kept keys and per-rule drop counts"),
+    "encode": Job("encode", EncodeConfig, run_encode, True,
+                  "effnet/Stage A latents + CLIP-bigG text + CLIP-L image embeddings into Parquet/WebDataset, once"),
 }  # fmt: skip
 
 

@@ -64,7 +64,8 @@ class EncodeConfig:
         scores_dir: scores from ``cascade score``; their CLIP-L embeddings are reused instead of recomputed.
         preprocess: crop mode (``center`` or ``buckets``), image size (768), Stage A size (1024).
         validate: the ingest's sample checks, applied again (bad rows from upstream become rejects).
-        effnet, clip_text, clip_image, stage_a: the encoders (``stage_a`` None: no Stage A latents).
+        effnet, clip_text, clip_image, stage_a: the encoders (``stage_a`` None: no Stage A latents). Required:
+            released flavors need their weights; ``*/tiny`` flavors are seeded random weights for tests.
         dtype: stored tensor dtype: ``float16`` (default), ``bfloat16`` or ``float32``.
         formats: any of ``parquet`` and ``webdataset``; both are written from the same table.
         member_format: WebDataset tensor members: ``npy`` or ``safetensors``.
@@ -310,14 +311,15 @@ def run_encode(config: EncodeConfig) -> EncodeSummary:
         committed[shard_id] = store.commit(shard_id, counts[shard_id])
     if any(expected.values()):
         ds = ray.data.from_items([s for s in todo if expected[_shard_id(s["uris"][0])]])
-        for row in plan.apply(ds).iter_rows():
-            shard_id = row[SHARD_ID]
-            counts[shard_id].update(
-                {"n_encoded": int(row["n_encoded"]), "n_rejected": int(row["n_rejected"])}
-            )
-            counts[shard_id].update({f"bucket:{b}": n for b, n in json.loads(row["buckets"]).items()})
-            if counts[shard_id]["n_encoded"] + counts[shard_id]["n_rejected"] == expected[shard_id]:
-                committed[shard_id] = store.commit(shard_id, counts[shard_id])
+        # batch_size=None: every block as soon as it exists, so shards commit while the job runs
+        for batch in plan.apply(ds).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            for shard_id, n_encoded, n_rejected, buckets in zip(
+                batch[SHARD_ID], batch["n_encoded"], batch["n_rejected"], batch["buckets"], strict=True
+            ):
+                counts[shard_id].update({"n_encoded": int(n_encoded), "n_rejected": int(n_rejected)})
+                counts[shard_id].update({f"bucket:{b}": n for b, n in json.loads(buckets).items()})
+                if counts[shard_id]["n_encoded"] + counts[shard_id]["n_rejected"] == expected[shard_id]:
+                    committed[shard_id] = store.commit(shard_id, counts[shard_id])
     missing = sorted(set(expected) - set(committed))
     if missing:
         raise RuntimeError(f"shards {missing} did not produce their expected rows; rerun to redo them")

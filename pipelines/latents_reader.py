@@ -68,6 +68,8 @@ def list_latent_files(
 ) -> list[str]:
     """Sorted URIs of the ``format`` files under ``root``.
 
+    For an encode output (``root/_commits/`` exists) these are the files of committed shards only.
+
     ``root`` is the ``base_uri`` given to ``write_latent_files`` (files in ``{root}/{format}/``), a directory
     holding the files, a single file, or a list of file URIs (returned as given, e.g. to pick buckets).
     """
@@ -78,6 +80,12 @@ def list_latent_files(
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
     if path.endswith(ext) and fs.isfile(path):
         return [root]
+    commits = sorted(fs.glob(f"{path.rstrip('/')}/_commits/*.json"))
+    if commits:  # an encode output: only committed files count (a crashed run may leave others behind)
+        files = [
+            f for c in commits for f in json.loads(fs.cat_file(c))["files"] if f.startswith(f"{format}/")
+        ]
+        return [f"{root.rstrip('/')}/{f}" for f in sorted(files)]
     for folder in (f"{path.rstrip('/')}/{format}", path):
         if fs.isdir(folder):
             found = [p for p in fs.ls(folder, detail=False) if p.endswith(ext)]

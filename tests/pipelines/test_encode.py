@@ -176,3 +176,97 @@ def test_config_errors_name_the_field(tmp_path) -> None:
     with pytest.raises(ValueError, match="on_stale"):
         _config(tmp_path, tmp_path, on_stale="ignore")
     assert dataclasses.is_dataclass(EncodeConfig)
+
+
+@pytest.mark.timeout(400)
+def test_sigkill_driver_then_resubmit_gives_the_uninterrupted_output(ray_local, tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    (tmp_path / "src").mkdir()
+    names = list(PHOTOS)
+    for i in range(6):
+        chosen = {f"{n}{i}": (jpeg(n), captions()[n]) for n in names[i % 2 :: 2]}
+        (tmp_path / "src" / f"{i:05d}.tar").write_bytes(_tar(chosen))
+    run_ingest(IngestConfig(source=SourceConfig(kind="webdataset", path=str(tmp_path / "src")),
+                            output_dir=str(tmp_path / "shards")))  # fmt: skip
+    reference = tmp_path / "reference"
+    run_encode(_config(tmp_path / "shards", reference))
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "tests.pipelines.encode_job", str(tmp_path / "shards"), str(out)]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list((out / "_commits").glob("*.json")):
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    n_committed = len(list((out / "_commits").glob("*.json")))
+    assert 0 < n_committed < 6 and not (out / "manifest.json").exists()
+    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"n_skipped_shards={n_committed}" in again.stdout
+    for fmt in ("parquet", "webdataset"):
+        resumed, expected = (
+            _rows(out, fmt),
+            _rows(reference, fmt),
+        )  # _rows asserts there are no duplicate keys
+        assert resumed.keys() == expected.keys() and len(resumed) == 15
+        for key, row in expected.items():
+            for column in ("effnet", "clip_text", "clip_text_pooled", "clip_img", "crop_left", "bucket"):
+                assert np.array_equal(resumed[key][column], row[column]), (fmt, key, column)
+    assert not (out / "_staging").exists() or not any((out / "_staging").rglob("*.*"))
+
+
+def test_reuses_the_clip_embeddings_that_score_stored(shards, tmp_path) -> None:
+    import pyarrow.dataset as pads
+
+    from pipelines.score import ScoreConfig, ScorerConfig, run_score
+
+    run_score(ScoreConfig(shards=SourceConfig(kind="webdataset", path=str(shards)), output_dir=str(tmp_path / "scores"),
+                          scorer=ScorerConfig(flavor="clip_score/tiny")))  # fmt: skip
+    summary = run_encode(
+        _config(shards, tmp_path / "out", scores_dir=str(tmp_path / "scores"), formats=("parquet",))
+    )
+    assert summary.n_encoded == len(PHOTOS)
+    scores = pads.dataset(sorted((tmp_path / "scores").glob("part-*.parquet"))).to_table().to_pylist()
+    stored = {r["key"]: np.asarray(r["clip_image_embeds"], np.float32) for r in scores}
+    for key, row in _rows(tmp_path / "out").items():
+        assert np.array_equal(row["clip_img"].reshape(-1), stored[key].astype(np.float16)), key
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["clip_image_source"] == "scores"
+
+
+def test_encode_to_s3_on_loopback(shards) -> None:
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        import fsspec
+
+        fsspec.filesystem("s3", endpoint_url=endpoint).mkdir(
+            "latents"
+        )  # credentials: conftest's dummy AWS env
+        summary = run_encode(_config(shards, "s3://latents/run1", output_endpoint_url=endpoint))
+        assert summary.n_encoded == len(PHOTOS)
+        rows = {}
+        for batch in read_latents(
+            "s3://latents/run1", "webdataset", storage_options={"endpoint_url": endpoint}
+        ):
+            rows.update({k: batch["effnet"][i] for i, k in enumerate(batch["key"])})
+        assert set(rows) == set(PHOTOS) and all(v.shape == (16, 24, 24) for v in rows.values())
+    finally:
+        server.stop()

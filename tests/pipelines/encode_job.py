@@ -1,0 +1,38 @@
+"""Run one encode job in its own driver process (for the kill-and-resubmit test).
+
+python -m tests.pipelines.encode_job SHARDS_DIR OUTPUT_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(shards: str, output: str) -> None:
+    import ray
+
+    from pipelines.encode import EncodeConfig, run_encode
+    from pipelines.encode_steps import EncoderConfig
+    from pipelines.sources import SourceConfig
+    from pipelines.step import Resources
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = EncodeConfig(
+        shards=SourceConfig(kind="webdataset", path=shards),
+        output_dir=output,
+        effnet=EncoderConfig(flavor="effnet/tiny"),
+        clip_text=EncoderConfig(flavor="clip_text/tiny"),
+        clip_image=EncoderConfig(flavor="clip_vision/tiny"),
+        # one shard (3 samples) per batch all the way down, so shards commit one after the other
+        preprocess_resources=Resources(num_cpus=0.5, batch_size=3),
+        effnet_resources=Resources(num_cpus=0.25, batch_size=3),
+        clip_text_resources=Resources(num_cpus=0.25, batch_size=3),
+        clip_image_resources=Resources(num_cpus=0.25, batch_size=3),
+        write_resources=Resources(num_cpus=0.25, batch_size=3),
+    )
+    print(run_encode(config), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
