@@ -257,14 +257,13 @@ def test_encode_to_s3_on_loopback(shards) -> None:
         endpoint = f"http://127.0.0.1:{port}"
         import fsspec
 
-        fsspec.filesystem("s3", endpoint_url=endpoint).mkdir(
-            "latents"
-        )  # credentials: conftest's dummy AWS env
-        summary = run_encode(_config(shards, "s3://latents/run1", output_endpoint_url=endpoint))
+        # credentials: conftest's dummy AWS environment (Ray workers inherit it)
+        fsspec.filesystem("s3", endpoint_url=endpoint).mkdir("encode-s3-test")
+        summary = run_encode(_config(shards, "s3://encode-s3-test/run1", output_endpoint_url=endpoint))
         assert summary.n_encoded == len(PHOTOS)
         rows = {}
         for batch in read_latents(
-            "s3://latents/run1", "webdataset", storage_options={"endpoint_url": endpoint}
+            "s3://encode-s3-test/run1", "webdataset", storage_options={"endpoint_url": endpoint}
         ):
             rows.update({k: batch["effnet"][i] for i, k in enumerate(batch["key"])})
         assert set(rows) == set(PHOTOS) and all(v.shape == (16, 24, 24) for v in rows.values())
