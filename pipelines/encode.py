@@ -302,6 +302,11 @@ def run_encode(config: EncodeConfig) -> EncodeSummary:
     store = _Store(config.output_dir, config.storage_options)
     committed = _prepare(config, store, metadata)
     all_shards = list_shards(config.shards)
+    ids = Counter(_shard_id(s["uris"][0]) for s in all_shards)
+    clashes = sorted(i for i, n in ids.items() if n > 1)
+    if clashes:
+        raise ValueError(f"shards.path={config.shards.path!r}: input shards share the ids {clashes[:5]} (output "
+                         "names derive from the shard file names, which must be unique)")  # fmt: skip
     todo = [s for s in all_shards if _shard_id(s["uris"][0]) not in committed]
     expected = {_shard_id(s["uris"][0]): expected_rows(config, s) for s in todo}
     for shard_id in expected:
