@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     import ray.data
 
 
+TASK_MAX_RETRIES = 3
+
+
 class PlanError(ValueError):
     """A plan that cannot run: a missing column or a bad step config, found before any Ray work."""
 
@@ -81,6 +84,9 @@ def map_step(ds: ray.data.Dataset, planned: PlannedStep) -> ray.data.Dataset:
         yield from _run_stateless(step, config, batch)
 
     task.__name__ = task.__qualname__ = step.__name__  # named for Ray's progress bars and stats
+    # An explicit retry policy for CPU tasks. It also differs from the actors' remote args, so Ray Data does not
+    # fuse a CPU step (decode, crop) into the next model actor: decoding keeps overlapping the model work.
+    common["max_retries"] = TASK_MAX_RETRIES
     return ds.map_batches(task, compute=TaskPoolStrategy(size=res.concurrency), **common)
 
 
