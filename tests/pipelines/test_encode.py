@@ -81,6 +81,14 @@ def test_counts_manifest_and_commit_log(encoded) -> None:
     assert sorted(p.name for p in (out / "_commits").iterdir()) == ["00000.json", "00001.json"]
     assert not (out / "_staging").exists() or not any((out / "_staging").iterdir())
     assert summary.buckets == {"24x24": len(PHOTOS)}
+    from safetensors.numpy import load_file
+
+    empty = load_file(out / manifest["empty_caption"])
+    text, _ = build_model("clip_text/tiny")
+    with torch.no_grad():
+        clip_text, pooled = text([""])
+    assert np.array_equal(empty["clip_text"], clip_text[0].numpy())
+    assert np.array_equal(empty["clip_text_pooled"], pooled[0, 0].numpy())
 
 
 def test_stored_latents_equal_running_the_stage(encoded) -> None:
@@ -141,6 +149,20 @@ def test_resubmit_skips_committed_shards_and_stale_cache_is_refused(shards, enco
     other = _config(shards, out, preprocess=PreprocessConfig(image_size_px=512))
     with pytest.raises(ValueError, match="on_stale=reencode"):
         run_encode(other)
+
+
+def test_stage_a_latents_at_1024(shards, tmp_path) -> None:
+    from pipelines.preprocess import crop_for_stage_a
+
+    config = _config(shards, tmp_path / "a", stage_a=EncoderConfig(flavor="stage_a/tiny"), formats=("parquet",),
+                     dtype="float32")  # fmt: skip
+    assert run_encode(config).n_encoded == len(PHOTOS)
+    row = _rows(tmp_path / "a")["coffee"]
+    stage_a, _ = build_model("stage_a/tiny")
+    image = torch.from_numpy(to_float_chw(decode_rgb(jpeg("coffee"), max_pixels=10**8)))
+    with torch.no_grad():
+        expected = stage_a.encode(crop_for_stage_a(image, config.preprocess).pixels[None])[0].numpy()
+    assert row["stage_a"].shape == (4, 256, 256) and np.abs(row["stage_a"] - expected).max() <= 1e-6
 
 
 def test_reencode_replaces_a_stale_cache(shards, tmp_path) -> None:
