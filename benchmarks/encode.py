@@ -112,7 +112,7 @@ def pipeline(flavors, weights, root: Path, batch: int) -> tuple[float, dict]:
     import ray
 
     from pipelines.encode import EncodeConfig, run_encode
-    from pipelines.encode_steps import EncoderConfig
+    from pipelines.encode_models import EncoderConfig
     from pipelines.sources import SourceConfig
     from pipelines.step import Resources
 

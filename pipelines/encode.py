@@ -24,19 +24,16 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.encode_steps import (
-    SHARD_ID,
+from pipelines.commits import CommitStore
+from pipelines.encode_models import (
     EncodeEffnet,
     EncodeImage,
     EncoderConfig,
-    EncodeRead,
     EncodeStageA,
     EncodeText,
-    PreprocessImages,
-    PreprocessStepConfig,
-    ReadConfig,
     encode_captions,
 )
+from pipelines.encode_steps import SHARD_ID, EncodeRead, PreprocessImages, PreprocessStepConfig, ReadConfig
 from pipelines.encode_writer import WriteConfig, WriteLatentParts, fingerprint_metadata
 from pipelines.plan import Plan, PlannedStep
 from pipelines.preprocess import PreprocessConfig
@@ -161,64 +158,6 @@ def encode_plan(config: EncodeConfig, write: WriteConfig) -> Plan:
     return plan
 
 
-class _Store:
-    """The output directory: staging, commit records, final files and the manifest."""
-
-    def __init__(self, root: str, storage_options: dict[str, Any]) -> None:
-        self.root = root.rstrip("/")
-        self.options = storage_options
-        self.fs, self.path = fsspec.core.url_to_fs(self.root, **storage_options)
-
-    def read_json(self, name: str) -> dict | None:
-        path = f"{self.path}/{name}"
-        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
-
-    def write_json(self, name: str, value: Any) -> None:
-        write_bytes(f"{self.root}/{name}", json.dumps(value, indent=2, default=str).encode(), self.options)
-
-    def committed(self) -> dict[str, dict]:
-        found = self.fs.glob(f"{self.path}/_commits/*.json")
-        return {p.rsplit("/", 1)[-1][:-5]: json.loads(self.fs.cat_file(p)) for p in found}
-
-    def clear_shard(self, shard_id: str) -> None:
-        """Remove every trace of an uncommitted shard (staging and any half-moved final files)."""
-        for pattern in (f"_staging/{shard_id}", f"parquet/{shard_id}-*", f"webdataset/{shard_id}-*",
-                        f"rejects/{shard_id}.parquet"):  # fmt: skip
-            for path in self.fs.glob(f"{self.path}/{pattern}"):
-                self.fs.rm(path, recursive=True)
-
-    def wipe(self) -> None:
-        if self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
-
-    def commit(self, shard_id: str, counts: Counter) -> dict:
-        """Move a complete shard's staged parts into place, then write its commit record (the commit point)."""
-        staged = sorted(self.fs.find(f"{self.path}/_staging/{shard_id}"))
-        files = []
-        for path in staged:
-            name = path.rsplit("/", 1)[-1]
-            if name.endswith(".rejects.parquet"):
-                continue
-            folder = "parquet" if name.endswith(".parquet") else "webdataset"
-            target = f"{self.path}/{folder}/{shard_id}-{name}"
-            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.mv(path, target)
-            files.append(f"{folder}/{shard_id}-{name}")
-        rejects = [p for p in staged if p.endswith(".rejects.parquet")]
-        if rejects:
-            tables = [pq.read_table(self.fs.open(p, "rb")) for p in rejects]
-            import pyarrow as pa
-
-            sink = pa.BufferOutputStream()
-            pq.write_table(pa.concat_tables(tables), sink)
-            write_bytes(f"{self.root}/rejects/{shard_id}.parquet", sink.getvalue().to_pybytes(), self.options)
-        record = {"shard_id": shard_id, "files": files, **counts}
-        self.write_json(f"_commits/{shard_id}.json", record)
-        if self.fs.exists(f"{self.path}/_staging/{shard_id}"):
-            self.fs.rm(f"{self.path}/_staging/{shard_id}", recursive=True)
-        return record
-
-
 def preprocessing_spec(config: EncodeConfig) -> dict[str, Any]:
     """Everything that changes the stored values besides the weights (hashed into every file's metadata)."""
     from stages.flavors import get_flavor
@@ -270,7 +209,7 @@ def expected_rows(config: EncodeConfig, shard: dict[str, Any]) -> int:
     return sum(1 for k in keys if kept is None or k in kept)
 
 
-def _prepare(config: EncodeConfig, store: _Store, metadata: Any) -> dict[str, dict]:
+def _prepare(config: EncodeConfig, store: CommitStore, metadata: Any) -> dict[str, dict]:
     """Check the existing output against this config's fingerprint; returns the committed shards to skip."""
     manifest = store.read_json("manifest.json") or store.read_json("_fingerprint.json")
     current = {"weights_sha256": metadata.weights_sha256, "preprocessing_hash": metadata.preprocessing_hash,
@@ -299,7 +238,7 @@ def run_encode(config: EncodeConfig) -> EncodeSummary:
                         member_format=config.member_format, stage_a=config.stage_a is not None,
                         endpoint_url=config.output_endpoint_url)  # fmt: skip
     plan = encode_plan(config, write)
-    store = _Store(config.output_dir, config.storage_options)
+    store = CommitStore(config.output_dir, config.storage_options)
     committed = _prepare(config, store, metadata)
     all_shards = list_shards(config.shards)
     ids = Counter(_shard_id(s["uris"][0]) for s in all_shards)
@@ -332,7 +271,7 @@ def run_encode(config: EncodeConfig) -> EncodeSummary:
 
 
 def _finish(
-    config: EncodeConfig, store: _Store, metadata: Any, committed: dict, n_skipped: int
+    config: EncodeConfig, store: CommitStore, metadata: Any, committed: dict, n_skipped: int
 ) -> EncodeSummary:
     """Write the empty-caption embedding and, last, the manifest."""
     import ray

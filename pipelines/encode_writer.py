@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.encode_steps import SHARD_ID, EncoderConfig
+from pipelines.encode_models import EncoderConfig
+from pipelines.encode_steps import SHARD_ID
 from pipelines.latents_io import parquet_bytes, to_latent_table, webdataset_bytes
 from pipelines.shards import write_bytes
 from pipelines.sink import rejects_table

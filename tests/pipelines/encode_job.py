@@ -12,7 +12,7 @@ def main(shards: str, output: str) -> None:
     import ray
 
     from pipelines.encode import EncodeConfig, run_encode
-    from pipelines.encode_steps import EncoderConfig
+    from pipelines.encode_models import EncoderConfig
     from pipelines.sources import SourceConfig
     from pipelines.step import Resources
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipelines.encode import EncodeConfig, run_encode
-from pipelines.encode_steps import EncoderConfig
+from pipelines.encode_models import EncoderConfig
 from pipelines.images import decode_rgb, to_float_chw
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.latents_reader import read_latents
