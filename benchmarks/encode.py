@@ -21,7 +21,6 @@ import io
 import json
 import os
 import shutil
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -51,12 +50,11 @@ def _samples(n: int) -> list[tuple[str, bytes, str]]:
 
 
 def _write_tar(path: Path, samples) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, image, caption in samples:
-            for ext, data in (("jpg", image), ("txt", caption.encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    from pipelines.shards import members_tar_bytes
+
+    path.write_bytes(
+        members_tar_bytes((key, {"jpg": image, "txt": caption.encode()}) for key, image, caption in samples)
+    )
 
 
 def _save_weights(flavors: dict[str, str], root: Path) -> dict[str, str | None]:

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import shutil
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -39,13 +38,12 @@ def _photos(n: int) -> list[tuple[str, bytes, str]]:
     return out
 
 
-def _write_tar(path: Path, samples: list[tuple[str, bytes, str]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, image, caption in samples:
-            for ext, data in (("jpg", image), ("txt", caption.encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+def _write_tar(path: Path, samples) -> None:
+    from pipelines.shards import members_tar_bytes
+
+    path.write_bytes(
+        members_tar_bytes((key, {"jpg": image, "txt": caption.encode()}) for key, image, caption in samples)
+    )
 
 
 def _weights(flavor: str, root: Path) -> tuple[str | None, str | None]:

@@ -12,7 +12,7 @@ import io
 import json
 import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +99,16 @@ def _sample_json(batch: Batch, i: int) -> dict[str, Any]:
         "image_format": str(batch[IMAGE_FORMAT][i]),
         "status": "success",
     }
+
+
+def members_tar_bytes(samples: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
+    """A WebDataset tar of ``(key, {extension: bytes})`` samples, members in order, deterministic bytes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                _tar_member(tar, f"{key}.{ext}", data)
+    return buffer.getvalue()
 
 
 def tar_bytes(batches: Sequence[Batch]) -> tuple[bytes, list[dict[str, Any]]]:

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pyarrow.parquet as pq
 
 from jobs.cli import main
-from tests.pipelines.photos import PHOTOS, captions, jpeg
+from tests.pipelines.photos import PHOTOS, photo_tar
 
 
 def test_ingest_score_filter_from_yaml(ray_local, tmp_path, capsys) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name in PHOTOS:
-            for ext, data in (("jpg", jpeg(name)), ("txt", captions()[name].encode())):
-                info = tarfile.TarInfo(f"{name}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (src / "photos.tar").write_bytes(buffer.getvalue())
+    (src / "photos.tar").write_bytes(photo_tar())
     (tmp_path / "ingest.yaml").write_text(
         f"existing:\n  source: {{kind: webdataset, path: {src}}}\n  output_dir: {tmp_path / 'shards'}\n"
     )

@@ -29,3 +29,10 @@ def jpeg(name: str, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def photo_tar(names: tuple[str, ...] = PHOTOS) -> bytes:
+    """The photos as a WebDataset tar (``name.jpg`` + ``name.txt``)."""
+    from pipelines.shards import members_tar_bytes
+
+    return members_tar_bytes((n, {"jpg": jpeg(n), "txt": captions()[n].encode()}) for n in names)

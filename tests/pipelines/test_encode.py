@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from pipelines.images import decode_rgb, to_float_chw
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.latents_reader import read_latents
 from pipelines.preprocess import PreprocessConfig, crop_for_encoding
+from pipelines.shards import members_tar_bytes
 from pipelines.sources import SourceConfig
 from stages.flavors import build_model
 from tests.pipelines import corrupt
@@ -24,14 +23,9 @@ from tests.pipelines.photos import PHOTOS, captions, jpeg
 
 
 def _tar(samples: dict[str, tuple[bytes, str]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for key, (image, caption) in samples.items():
-            for ext, data in (("jpg", image), ("txt", caption.encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return members_tar_bytes(
+        (k, {"jpg": image, "txt": caption.encode()}) for k, (image, caption) in samples.items()
+    )
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections import Counter
@@ -15,18 +14,11 @@ from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.plan import PlanError
 from pipelines.sources import SourceConfig, list_shards, read_shard
 from tests.pipelines import corrupt
-from tests.pipelines.photos import PHOTOS, captions, jpeg
+from tests.pipelines.photos import PHOTOS, captions, jpeg, photo_tar
 
 
 def _photo_tar() -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name in PHOTOS:
-            for ext, data in (("jpg", jpeg(name)), ("txt", captions()[name].encode())):
-                info = tarfile.TarInfo(f"{name}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return photo_tar()
 
 
 @pytest.fixture

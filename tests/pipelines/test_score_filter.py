@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -17,6 +15,7 @@ from pipelines.images import decode_rgb, to_float_chw
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.plan import Plan, PlanError, PlannedStep
 from pipelines.score import ReadShard, ScoreConfig, ScorerConfig, ScoreSamples, run_score
+from pipelines.shards import members_tar_bytes
 from pipelines.sources import SourceConfig
 from tests.pipelines.photos import PHOTOS, captions, jpeg
 
@@ -24,14 +23,10 @@ META = {"chelsea": {"pwatermark": 0.75, "punsafe": 0.125}, "rocket": {"watermark
 
 
 def _tar(samples: dict[str, tuple[bytes, str, dict]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for key, (image, caption, meta) in samples.items():
-            for ext, data in (("jpg", image), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return members_tar_bytes(
+        (key, {"jpg": image, "txt": caption.encode(), "json": json.dumps(meta).encode()})
+        for key, (image, caption, meta) in samples.items()
+    )
 
 
 @pytest.fixture(scope="module")
