@@ -17,7 +17,6 @@ written to a temporary folder, so the job runs its real loading path.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import photos  # benchmarks/photos.py (scripts run from this folder)
 import torch
 
 SIZES = {
@@ -33,28 +32,6 @@ SIZES = {
     "mixed": {"effnet": "effnet", "clip_image": "clip_vision/l14", "clip_text": "clip_text/tiny"},
     "real": {"effnet": "effnet", "clip_image": "clip_vision/l14", "clip_text": "clip_text/bigg"},
 }
-PHOTOS = ("chelsea", "astronaut", "rocket", "coffee", "camera", "hubble_deep_field")
-
-
-def _samples(n: int) -> list[tuple[str, bytes, str]]:
-    from PIL import Image
-    from skimage import data as skdata
-
-    out = []
-    for i in range(n):
-        name = PHOTOS[i % len(PHOTOS)]
-        buffer = io.BytesIO()
-        Image.fromarray(np.asarray(getattr(skdata, name)())).convert("RGB").save(buffer, "JPEG", quality=90)
-        out.append((f"{name}{i:05d}", buffer.getvalue(), f"a photo of {name.replace('_', ' ')}"))
-    return out
-
-
-def _write_tar(path: Path, samples) -> None:
-    from pipelines.shards import members_tar_bytes
-
-    path.write_bytes(
-        members_tar_bytes((key, {"jpg": image, "txt": caption.encode()}) for key, image, caption in samples)
-    )
 
 
 def _save_weights(flavors: dict[str, str], root: Path) -> dict[str, str | None]:
@@ -173,9 +150,9 @@ def main() -> None:
     flavors = SIZES[args.sizes]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        samples = _samples(args.images)
+        samples = photos.samples(args.images)
         (root / "src").mkdir()
-        _write_tar(root / "src" / "00000.tar", samples)
+        photos.write_tar(root / "src" / "00000.tar", samples)
         import ray
 
         from pipelines.ingest import IngestConfig, run_ingest

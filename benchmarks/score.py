@@ -11,7 +11,6 @@ does not depend on their values); they are written to a temporary folder so the 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -19,31 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import photos  # benchmarks/photos.py (scripts run from this folder)
 import torch
-from PIL import Image
-
-PHOTOS = ("chelsea", "astronaut", "rocket", "coffee", "camera", "hubble_deep_field")
-
-
-def _photos(n: int) -> list[tuple[str, bytes, str]]:
-    from skimage import data as skdata
-
-    out = []
-    for i in range(n):
-        name = PHOTOS[i % len(PHOTOS)]
-        buffer = io.BytesIO()
-        Image.fromarray(np.asarray(getattr(skdata, name)())).convert("RGB").save(buffer, "JPEG", quality=90)
-        out.append((f"{name}{i:05d}", buffer.getvalue(), f"a photo of {name.replace('_', ' ')}"))
-    return out
-
-
-def _write_tar(path: Path, samples) -> None:
-    from pipelines.shards import members_tar_bytes
-
-    path.write_bytes(
-        members_tar_bytes((key, {"jpg": image, "txt": caption.encode()}) for key, image, caption in samples)
-    )
 
 
 def _weights(flavor: str, root: Path) -> tuple[str | None, str | None]:
@@ -126,9 +102,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        samples = _photos(args.images)
+        samples = photos.samples(args.images)
         (root / "src").mkdir()
-        _write_tar(root / "src" / "photos.tar", samples)
+        photos.write_tar(root / "src" / "photos.tar", samples)
         clip, head = _weights(args.flavor, root)
         import ray
 

@@ -1,0 +1,32 @@
+"""Real photos for the benchmarks: scikit-image's sample images as JPEG samples, written as a WebDataset tar."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PHOTOS = ("chelsea", "astronaut", "rocket", "coffee", "camera", "hubble_deep_field")
+
+
+def samples(n: int) -> list[tuple[str, bytes, str]]:
+    """``n`` (key, JPEG bytes, caption) samples cycling through the photos."""
+    from skimage import data as skdata
+
+    out = []
+    for i in range(n):
+        name = PHOTOS[i % len(PHOTOS)]
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(getattr(skdata, name)())).convert("RGB").save(buffer, "JPEG", quality=90)
+        out.append((f"{name}{i:05d}", buffer.getvalue(), f"a photo of {name.replace('_', ' ')}"))
+    return out
+
+
+def write_tar(path: Path, rows: list[tuple[str, bytes, str]]) -> None:
+    from pipelines.shards import members_tar_bytes
+
+    path.write_bytes(
+        members_tar_bytes((key, {"jpg": image, "txt": caption.encode()}) for key, image, caption in rows)
+    )
