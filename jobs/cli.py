@@ -36,7 +36,8 @@ def _cmd_job(args: argparse.Namespace) -> int:
     from jobs.config import load_config
     from jobs.pipeline_jobs import JOBS, run_job
 
-    config = load_config(JOBS[args.command].config_cls, args.config, args.set or ())
+    job = JOBS[args.command]
+    config = load_config(job.config_cls, args.config, [*(args.set or ()), *job.fixed])
     run_job(args.command, config, address=args.address)
     return 0
 

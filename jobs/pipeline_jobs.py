@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from jobs.train import check_train, run_train
+from jobs.train_config import TrainConfig
 from pipelines.encode import EncodeConfig, run_encode
 from pipelines.filter import FilterConfig, run_filter
 from pipelines.ingest import IngestConfig, run_ingest
@@ -67,6 +69,8 @@ class Job:
     run: Callable[[Any], Any]
     needs_ray: bool
     help: str
+    fixed: tuple[str, ...] = ()  # overrides the job always applies (``mode=lora``)
+    check: Callable[[Any], Any] | None = None  # runs before Ray starts
 
 
 JOBS: dict[str, Job] = {
@@ -78,12 +82,23 @@ JOBS: dict[str, Job] = {
                   "apply declarative rules to stored scores; write kept keys and per-rule drop counts"),
     "encode": Job("encode", EncodeConfig, run_encode, True,
                   "effnet/Stage A latents + CLIP-bigG text + CLIP-L image embeddings into Parquet/WebDataset, once"),
+    "train-c": Job("train-c", TrainConfig, run_train, True,
+                   "train Stage C on cached latents with Ray Train (DDP/FSDP), checkpoints in the official layout",
+                   ("mode=stage_c",), check_train),
+    "train-lora": Job("train-lora", TrainConfig, run_train, True,
+                      "train an official-format LoRA on a frozen Stage C from cached latents",
+                      ("mode=lora",), check_train),
+    "train-controlnet": Job("train-controlnet", TrainConfig, run_train, True,
+                            "train a ControlNet (canny, inpainting, super-resolution) on a frozen Stage C",
+                            ("mode=controlnet",), check_train),
 }  # fmt: skip
 
 
 def run_job(name: str, config: Any, address: str | None = None) -> dict[str, Any]:
     """Run a job whose config is already built and validated; returns its summary as a dict."""
     job = JOBS[name]
+    if job.check is not None:
+        job.check(config)
     if job.needs_ray:
         init_ray(address)
     summary = job.run(config)

@@ -158,12 +158,26 @@ def read_file_metadata(
     columns: Sequence[str] | None = None,
 ) -> FileMetadata:
     """Validate one file's metadata without reading its rows (the Parquet footer, the tar's first member)."""
+    return file_info(uri, format, expect=expect, storage_options=storage_options, columns=columns)[0]
+
+
+def file_info(
+    uri: str,
+    format: str = "parquet",
+    *,
+    expect: FileMetadata | None = None,
+    storage_options: dict[str, Any] | None = None,
+    columns: Sequence[str] | None = None,
+) -> tuple[FileMetadata, int]:
+    """``read_file_metadata`` plus the file's row count (Parquet footer, tar header), rows unread."""
     wanted = _columns(columns)
     with _open(uri, format, storage_options, block_size=1 << 16) as f:
         if format == "parquet":
-            return _parquet_footer(uri, f, expect, wanted)
+            meta = _parquet_footer(uri, f, expect, wanted)
+            return meta, pq.ParquetFile(f).metadata.num_rows
         with tarfile.open(fileobj=f, mode="r|") as tar:
-            return _tar_header(uri, tar, iter(tar), wanted, expect)[1]
+            header, meta, _ = _tar_header(uri, tar, iter(tar), wanted, expect)
+            return meta, int(header[NUM_SAMPLES_KEY])
 
 
 def validate_files(

@@ -9,6 +9,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls workers every 2 s and a checkpoint report waits for the poll; tests save often
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Dummy credentials for the moto S3 server on loopback; set before Ray starts so its workers inherit them,
 # as workers on a real cluster inherit the node's AWS environment.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

@@ -1,0 +1,261 @@
+"""Stage C, LoRA and ControlNet training with Ray Train on a real latent cache (tiny flavors, 2 CPUs)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from jobs.train import check_train, read_spec, run_train
+from jobs.train_checkpoint import read_checkpoint
+from jobs.train_config import ControlNetTrainConfig, EmaConfig, PreviewConfig, ScalingSpec, TrainConfig
+from pipelines.train_data import TrainDataConfig, window_micro_batches
+from stages.flavors import build_model
+from tests.conftest import REPO_ROOT
+from tests.jobs.train_cache import build_cache
+
+# two Ray Train workers and the read tasks share CI's 2 CPUs
+HALF_CPU = ScalingSpec(num_workers=1, cpus_per_worker=0.5)
+
+
+@pytest.fixture(scope="module")
+def cache(ray_local, tmp_path_factory) -> tuple[Path, Path]:
+    """(image shards, latent cache) of 7 real photos: center crops at 256 px → one 8x8 bucket."""
+    return build_cache(tmp_path_factory.mktemp("train"), mode="center", image_size_px=256)
+
+
+def _config(cache: tuple[Path, Path], out: Path, **overrides) -> TrainConfig:
+    fields = {"data": TrainDataConfig(path=str(cache[1]), read_cpus=0.25), "output_dir": str(out),
+              "batch_size": 2, "max_steps": 6, "save_every": 2, "log_every": 1, "bf16_autocast": False,
+              "scaling": HALF_CPU}  # fmt: skip
+    return TrainConfig(**(fields | overrides))
+
+
+def _metrics(summary_or_dir) -> list[dict[str, float]]:
+    path = Path(getattr(summary_or_dir, "metrics_csv", summary_or_dir))
+    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(path.open())]
+
+
+def test_micro_batches_are_the_same_for_two_workers_and_one_with_double_accumulation(cache) -> None:
+    two = _config(cache, Path("unused"), batch_size=4, scaling=dataclasses.replace(HALF_CPU, num_workers=2))
+    one = _config(cache, Path("unused"), batch_size=4, grad_accum_steps=2)
+    plan = check_train(one)
+    assert plan.windows == check_train(two).windows
+    by_one = {
+        (b["step"], b["micro"]): b
+        for w in plan.windows
+        for b in window_micro_batches(w, read_spec(one, plan))
+    }
+    by_two = {}
+    for rank in (0, 1):
+        spec = dataclasses.replace(read_spec(two, plan), rank=rank)
+        by_two |= {(b["step"], b["micro"]): b for w in plan.windows for b in window_micro_batches(w, spec)}
+    assert sorted(by_one) == sorted(by_two) == [(s, j) for s in range(6) for j in (0, 1)]
+    for key, batch in by_one.items():
+        assert batch["key"] == by_two[key]["key"] and len(batch["key"].split("\n")) == 2
+        assert np.array_equal(batch["effnet"], by_two[key]["effnet"])
+    keys = [k for s in range(3) for j in (0, 1) for k in by_one[(s, j)]["key"].split("\n")]
+    assert len(set(keys[:4])) == 4, "one global batch holds distinct samples"
+
+
+def test_a_tiny_stage_c_learns_on_cached_photos(cache, tmp_path) -> None:
+    """A few hundred steps on the cached latents: the loss ends clearly below its start."""
+    config = _config(cache, tmp_path, batch_size=4, max_steps=300, save_every=150, log_every=10, lr=1e-3,
+                     bf16_autocast=True, ema=EmaConfig(start_step=100, every=10, beta=0.9),
+                     preview=PreviewConfig(every=150, samples=2, timesteps=4, previewer="previewer/tiny"))  # fmt: skip
+    summary = run_train(config)
+    assert (summary.start_step, summary.final_step) == (0, 300)
+    rows = _metrics(summary)
+    assert [r["step"] for r in rows] == list(range(10, 301, 10))
+    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
+    print(f"\ntiny Stage C on 7 cached photos: loss {first:.4f} (steps 10-30) -> {last:.4f} (steps 280-300)")
+    assert last < 0.75 * first
+    assert all(0 <= r["data_wait_fraction"] < 1 and r["samples_per_s"] > 0 and r["lr"] == 1e-3 for r in rows)
+    checkpoint = Path(summary.checkpoint)
+    assert checkpoint.name == "checkpoint_00000300"
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert names == ["generator.safetensors", "generator_ema.safetensors", "optimizer.safetensors",
+                     "preview.png", "trainer_state.json"]  # fmt: skip
+    from PIL import Image
+
+    preview = Image.open(checkpoint / "preview.png")
+    assert preview.size == (2 * 64, 2 * 64)  # 2 samples wide, reference + sample rows, 8x8 latents → 64 px
+    assert sorted(p.name for p in (tmp_path / "stage_c" / "previews").iterdir()) == [
+        "step_00000150.png", "step_00000300.png"]  # fmt: skip
+    weights, optimizer, state = read_checkpoint(checkpoint)
+    assert state["step"] == 300 and optimizer["param_groups"][0]["lr"] == 1e-3
+    assert not torch.equal(weights["generator_ema"]["clf.1.weight"], weights["generator"]["clf.1.weight"])
+    _loads_strictly_and_into_diffusers(checkpoint / "generator.safetensors")
+
+
+def _loads_strictly_and_into_diffusers(path: Path) -> None:
+    from diffusers import StableCascadeUNet
+
+    from stages.diffusers_keys import diffusers_config, official_to_diffusers
+    from stages.weights import read_safetensors
+
+    model, sha = build_model("stage_c/tiny", weights=str(path))
+    assert sha is not None
+    reference = StableCascadeUNet(**diffusers_config(model.config)).eval()
+    reference.load_state_dict(official_to_diffusers(read_safetensors(path).state_dict), strict=True)
+    gen = torch.Generator().manual_seed(0)
+    x, r = torch.randn(2, 16, 8, 8, generator=gen), torch.rand(2, generator=gen)
+    ct, cp, ci = (
+        torch.randn(2, 77, 32, generator=gen),
+        torch.randn(2, 1, 32, generator=gen),
+        torch.randn(2, 1, 32),
+    )
+    with torch.no_grad():
+        ours = model(x, r, ct, cp, ci)
+        theirs = reference(sample=x, timestep_ratio=r, clip_text=ct, clip_text_pooled=cp, clip_img=ci).sample
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(cache, tmp_path_factory):
+    """The reference run: 1 worker, accumulation 2, 16 steps, adaptive loss weight, checkpoints every 4."""
+    out = tmp_path_factory.mktemp("one")
+    config = _config(cache, out, batch_size=4, grad_accum_steps=2, max_steps=16, save_every=4,
+                     adaptive_loss_weight=True)  # fmt: skip
+    return config, run_train(config)
+
+
+def test_two_workers_match_one_worker_with_doubled_accumulation(cache, one_worker_run, tmp_path) -> None:
+    one_config, one = one_worker_run
+    two = run_train(dataclasses.replace(
+        one_config, output_dir=str(tmp_path), grad_accum_steps=1, scaling=dataclasses.replace(HALF_CPU, num_workers=2)
+    ))  # fmt: skip
+    losses_one, losses_two = [r["loss"] for r in _metrics(one)], [r["loss"] for r in _metrics(two)]
+    assert len(losses_one) == len(losses_two) == 16
+    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5, atol=1e-6)
+    w1, _, s1 = read_checkpoint(one.checkpoint)
+    w2, _, s2 = read_checkpoint(two.checkpoint)
+    diff = max((w1["generator"][k] - w2["generator"][k]).abs().max().item() for k in w1["generator"])
+    assert diff <= 1e-5, f"weights differ by {diff}"
+    np.testing.assert_allclose(
+        s1["adaptive_loss"]["bucket_losses"], s2["adaptive_loss"]["bucket_losses"], rtol=1e-5
+    )
+    assert (s1["world_size"], s2["world_size"]) == (1, 2)
+
+
+def test_kill_and_resume_repeats_the_uninterrupted_trajectory(cache, one_worker_run, tmp_path) -> None:
+    """SIGKILL the `cascade train-c` process group after its first checkpoint, rerun it: same losses, same weights."""
+    one_config, one = one_worker_run
+    config = dataclasses.asdict(dataclasses.replace(one_config, output_dir=str(tmp_path)))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config))))
+    command = [sys.executable, "-m", "jobs.cli", "train-c", "--config", str(tmp_path / "train.yaml")]
+    ray_tmp = tempfile.mkdtemp(prefix="raykill", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env | {"RAY_TMPDIR": ray_tmp}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    run_dir = tmp_path / "stage_c"
+    deadline = time.monotonic() + 240
+    while not list(run_dir.glob("checkpoint_*/trainer_state.json")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray: raylet workers run in sessions of their own
+    subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
+    proc.wait()
+    time.sleep(1)
+    killed_at = max(
+        json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/trainer_state.json")
+    )
+    assert killed_at < 16, "the run finished before it was killed"
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout[done.stdout.index("{") :])["start_step"] == killed_at
+    resumed = [r["loss"] for r in _metrics(run_dir / "metrics.csv")]
+    reference = [r["loss"] for r in _metrics(one)]
+    np.testing.assert_allclose(resumed, reference, rtol=1e-6, atol=1e-7)
+    w_resumed, _, _ = read_checkpoint(run_dir / "checkpoint_00000016")
+    w_ref, _, _ = read_checkpoint(one.checkpoint)
+    assert all(torch.allclose(w_resumed["generator"][k], v, atol=1e-6) for k, v in w_ref["generator"].items())
+
+
+@pytest.fixture(scope="module")
+def trained_generator(one_worker_run) -> str:
+    """A Stage C with a trained output layer (the official init zeroes it: adapters get no gradient before)."""
+    return str(Path(one_worker_run[1].checkpoint) / "generator.safetensors")
+
+
+def test_lora_trains_on_a_frozen_stage_c_and_round_trips(cache, trained_generator, tmp_path) -> None:
+    from stages.lora import build_lora, load_lora, merge_lora
+
+    summary = run_train(_config(cache, tmp_path, mode="lora", lr=1e-2, weights=trained_generator))
+    checkpoint = Path(summary.checkpoint)
+    assert sorted(p.name for p in checkpoint.glob("*.safetensors")) == [
+        "lora.safetensors",
+        "optimizer.safetensors",
+    ]
+    base, _ = build_model("stage_c/tiny", weights=trained_generator)
+    fresh = build_model("stage_c/tiny", weights=trained_generator)[0]
+    bundle = build_lora(fresh, rank=4)
+    load_lora(bundle, checkpoint / "lora.safetensors")
+    assert any(p.abs().sum() > 0 for n, p in bundle.named_parameters() if "lora_down" in n), "LoRA trained"
+    gen = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 16, 8, 8, generator=gen), torch.rand(2, generator=gen),
+              torch.randn(2, 77, 32, generator=gen), torch.randn(2, 1, 32, generator=gen), torch.zeros(2, 1, 32))  # fmt: skip
+    with torch.no_grad():
+        with_lora = fresh(*inputs)
+        merged = merge_lora(fresh)(*inputs)
+        plain = base(*inputs)
+    assert torch.allclose(with_lora, merged, atol=1e-5)
+    assert not torch.allclose(with_lora, plain, atol=1e-4)
+    assert set(fresh.state_dict()) == set(base.state_dict()), "merged: the official keys again"
+
+
+@pytest.mark.parametrize("kind", ["canny", "inpainting", "super_resolution"])
+def test_controlnet_trains_only_its_parameters(cache, trained_generator, tmp_path, kind) -> None:
+    from stages.weights import read_safetensors
+
+    cn = ControlNetTrainConfig(flavor=f"controlnet/{kind}/tiny", effnet="effnet/tiny")
+    config = _config(
+        cache, tmp_path, mode="controlnet", controlnet=cn, max_steps=2, lr=1e-2, weights=trained_generator
+    )
+    summary = run_train(config)
+    checkpoint = Path(summary.checkpoint)
+    assert sorted(p.name for p in checkpoint.glob("*.safetensors")) == [
+        "controlnet.safetensors",
+        "optimizer.safetensors",
+    ]
+    initial, _ = build_model(cn.flavor)
+    trained, _ = build_model(cn.flavor, weights=str(checkpoint / "controlnet.safetensors"))  # strict load
+    state = read_safetensors(checkpoint / "controlnet.safetensors").state_dict
+    assert set(state) == set(initial.state_dict())
+    changed = [
+        k for k, v in initial.state_dict().items() if v.is_floating_point() and not torch.equal(v, state[k])
+    ]
+    assert any(k.startswith("projections.") for k in changed), "the zero-init projections moved"
+    assert trained is not None
+
+
+def test_bad_configs_fail_before_any_worker_with_the_field_named(cache, tmp_path) -> None:
+    def fails(match: str, **overrides) -> None:
+        started = time.perf_counter()
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            run_train(_config(cache, tmp_path, **overrides))
+        assert time.perf_counter() - started < 5, "failed late"
+        assert not (tmp_path / "stage_c").exists(), "a run started"
+
+    fails(r"flavor: unknown flavor 'stage_c/2b'", flavor="stage_c/2b")
+    fails(r"data.path: no \*.parquet latent files", data=TrainDataConfig(path=str(tmp_path / "nothing")))
+    fails(r"flavor='stage_c/1b' expects clip_text of shape \(77, 1280\)", flavor="stage_c/1b")
+    fails(r"weights='/no/such.safetensors' does not exist", weights="/no/such.safetensors")
+    fails(r"controlnet.flavor='controlnet/canny' \(c_proj 2048", mode="controlnet",
+          controlnet=ControlNetTrainConfig(flavor="controlnet/canny"))  # fmt: skip
+    fails(r"batch_size=8 exceeds", batch_size=8)
+    with pytest.raises(ValueError, match=r"batch_size=3 must be a multiple of .* = 2"):
+        _config(cache, tmp_path, batch_size=3, grad_accum_steps=2)
