@@ -201,6 +201,10 @@ class TrainConfig:
             raise ValueError(
                 f"scaling.strategy='fsdp' trains mode 'stage_c' only, not {self.mode!r} (as officially)"
             )
+        if self.scaling.strategy == "fsdp" and (self.ema is not None or self.preview.every):
+            raise ValueError(
+                "scaling.strategy='fsdp' works without ema and previews (both need the full model)"
+            )
         if self.mode != "stage_c" and self.ema is not None:
             raise ValueError("ema: the official EMA is of the full generator (mode 'stage_c')")
 

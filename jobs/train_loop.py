@@ -103,17 +103,23 @@ class TrainLoop:
         }
         offset = config.controlnet.noise if config.controlnet is not None else 0.0
         self.gdf = stage_gdf(adaptive=config.adaptive_loss_weight, offset_noise=offset)
-        params = [p for p in self.trainable.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
-        )
         self.ema = self._ema_copy()
         self.step = 0
         self.metrics: MetricsLog | None = None
         self.control_effnet = self._control_effnet()
-        if world.resume_dir is not None:
-            self._load(world.resume_dir)
+        checkpoint = read_checkpoint(world.resume_dir) if world.resume_dir is not None else None
+        if checkpoint is not None:  # weights before sharding, the optimizer after (FSDP replaces parameters)
+            self._load_weights(*checkpoint)
         self.model = self._parallel(self.module)
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        )
+        if checkpoint is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.model, self.optimizer, checkpoint[1], options=options)
         self._set_lr()
 
     # --- building -------------------------------------------------------------------------------------------
@@ -186,17 +192,13 @@ class TrainLoop:
             "grad_accum_steps": self.config.grad_accum_steps, "adaptive_loss": adaptive,
         }  # fmt: skip
 
-    def _load(self, directory: str) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        weights, optim_state, state = read_checkpoint(directory)
+    def _load_weights(
+        self, weights: dict[str, dict[str, torch.Tensor]], _optimizer: Any, state: dict
+    ) -> None:
         for name, module in self.saved.items():
             module.load_state_dict(weights[name], strict=True)
         if self.ema is not None:
             self.ema.load_state_dict(weights["generator_ema"], strict=True)
-        set_optimizer_state_dict(
-            self.module, self.optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
-        )
         if state.get("adaptive_loss"):
             self.gdf.loss_weight.load_state_dict(state["adaptive_loss"])
         self.step = int(state["step"])
@@ -256,7 +258,7 @@ class TrainLoop:
                 )
             local = batch["micro"] - world.rank * accum
             last = local == accum - 1
-            sync = contextlib.nullcontext() if last or world.size == 1 else self.model.no_sync()
+            sync = contextlib.nullcontext() if last or world.size == 1 else _no_grad_sync(self.model)
             with sync:
                 out = self.micro_loss(batch)
                 (out.loss / accum).backward()
@@ -268,7 +270,7 @@ class TrainLoop:
             per_sample = world.all_gather(torch.cat(losses).float())
             if cfg.adaptive_loss_weight:
                 self.gdf.loss_weight.update_buckets(world.all_gather(torch.cat(logsnrs).float()), per_sample)
-            grad_norm = float(self._clip())
+            grad_norm = self._clip()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -291,11 +293,10 @@ class TrainLoop:
         bar.close()
         return rows
 
-    def _clip(self) -> torch.Tensor:
+    def _clip(self) -> float:
         params = [p for p in self.trainable.parameters() if p.requires_grad]
-        if hasattr(self.model, "clip_grad_norm_"):  # FSDP: the norm over all shards
-            return self.model.clip_grad_norm_(self.config.grad_clip)
-        return nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        norm = nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor norm
 
     def _update_ema(self) -> None:
         ema = self.config.ema
@@ -370,21 +371,33 @@ class TrainLoop:
 
 
 def _fsdp(module: nn.Module, device: torch.device) -> nn.Module:
-    """FSDP as the official trainer configures it: SHARD_GRAD_OP, bf16 mixed precision, block-wise wrapping."""
-    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision, ShardingStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    """FSDP (``fully_shard``) as the official trainer configures it: one unit per ResBlock, AttnBlock,
+    TimestepBlock and FeedForwardBlock, gradients sharded but parameters kept after forward
+    (SHARD_GRAD_OP), bf16 parameters and reductions. Works on CPU (gloo) and GPU (nccl)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from stages.common import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock
 
-    bf16 = torch.bfloat16
-    return FullyShardedDataParallel(
-        module,
-        auto_wrap_policy=ModuleWrapPolicy({ResBlock, AttnBlock, TimestepBlock, FeedForwardBlock}),
-        sharding_strategy=ShardingStrategy.SHARD_GRAD_OP,
-        mixed_precision=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16),
-        limit_all_gathers=True,
-        device_id=device if device.type == "cuda" else None,
-    )
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    units = (ResBlock, AttnBlock, TimestepBlock, FeedForwardBlock)
+    for sub in list(module.modules()):
+        if isinstance(sub, units):
+            fully_shard(sub, reshard_after_forward=False, mp_policy=bf16)
+    return fully_shard(module, reshard_after_forward=False, mp_policy=bf16)
+
+
+@contextlib.contextmanager
+def _no_grad_sync(model: nn.Module) -> Iterator[None]:
+    """Skip the gradient all-reduce of an accumulation micro-step (DDP ``no_sync``, FSDP gradient sync)."""
+    if hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 class _NoBar:

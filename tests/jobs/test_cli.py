@@ -32,3 +32,32 @@ def test_doctor_runs_as_console_script() -> None:
     assert "torch " in out and "ray " in out and "cuda: " in out
     assert "ray: ok at local" in out, out
     assert "stage_b/700m" in out and "699,471,248" in out
+
+
+def test_train_help_lists_the_config_fields_with_defaults(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train-lora", "--help"])
+    out = capsys.readouterr().out
+    for line in ("lr (float) = 0.0001", "grad_clip (float) = 1.0", "lora.rank (int) = 4",
+                 "data.path (str) = (required)", "scaling.strategy (str) = 'ddp'", "ema.beta (float) = 0.9"):  # fmt: skip
+        assert line in out, line
+
+
+def test_train_bad_config_exits_2_naming_the_field_before_ray(tmp_path, capsys) -> None:
+    code = main(["train-c", "--set", f"data.path={tmp_path}", "--set", f"output_dir={tmp_path / 'out'}",
+                 "--set", "flavor=stage_c/2b"])  # fmt: skip
+    assert code == 2
+    assert "flavor: unknown flavor 'stage_c/2b'" in capsys.readouterr().err
+    code = main(["train-c", "--set", f"data.path={tmp_path}", "--set", f"output_dir={tmp_path / 'out'}"])
+    assert code == 2
+    assert "data.path: no *.parquet latent files" in capsys.readouterr().err
+    import ray
+
+    assert not ray.is_initialized()
+    # the job's mode is fixed: train-lora trains a LoRA whatever the YAML says
+    from jobs.config import load_config
+    from jobs.pipeline_jobs import JOBS
+
+    job = JOBS["train-lora"]
+    config = load_config(job.config_cls, None, ["data.path=x", "output_dir=y", "mode=stage_c", *job.fixed])
+    assert config.mode == "lora" and config.run_name == "lora"

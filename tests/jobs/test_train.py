@@ -259,3 +259,17 @@ def test_bad_configs_fail_before_any_worker_with_the_field_named(cache, tmp_path
     fails(r"batch_size=8 exceeds", batch_size=8)
     with pytest.raises(ValueError, match=r"batch_size=3 must be a multiple of .* = 2"):
         _config(cache, tmp_path, batch_size=3, grad_accum_steps=2)
+
+
+def test_fsdp_shards_the_generator_and_saves_the_full_official_state(cache, one_worker_run, tmp_path) -> None:
+    """FSDP (fully_shard, bf16 parameters) on 2 CPU workers: the same losses as DDP within bf16 rounding."""
+    one_config, one = one_worker_run
+    config = dataclasses.replace(one_config, output_dir=str(tmp_path), max_steps=2, save_every=2, grad_accum_steps=1,
+                                 scaling=dataclasses.replace(HALF_CPU, num_workers=2, strategy="fsdp"))  # fmt: skip
+    summary = run_train(config)
+    losses = [r["loss"] for r in _metrics(summary)]
+    np.testing.assert_allclose(losses, [r["loss"] for r in _metrics(one)][:2], rtol=2e-2)
+    model, _ = build_model("stage_c/tiny", weights=str(Path(summary.checkpoint) / "generator.safetensors"))
+    weights, optimizer, state = read_checkpoint(summary.checkpoint)
+    assert state["world_size"] == 2 and set(weights["generator"]) == set(model.state_dict())
+    assert set(optimizer["state"]) == {k for k, _ in model.named_parameters()}

@@ -1,0 +1,415 @@
+"""Stage C training step on the latent cache against the official on-the-fly step, and Ray Train data wait.
+
+    python benchmarks/train.py --out benchmarks/results/train.json [--sizes tiny narrow] [--quick]
+
+Per ``--sizes`` set (a Stage C flavor and the encoders that feed it):
+
+* ``tiny``: ``stage_c/tiny`` fed by ``effnet/tiny``, ``clip_text/tiny``, ``clip_vision/tiny``;
+* ``narrow``: ``stage_c/1b-narrow``, the block structure of ``stage_c/1b`` at width 256 (4 heads) with the
+  released conditioning sizes (1280/1280/768), fed by the released-size ``effnet``, ``clip_text/bigg`` and
+  ``clip_vision/l14``. The flavor is registered by this script only (also in Ray workers, via a setup hook).
+
+All weights are seeded random (step time does not depend on their values). Real photos (scikit-image) are
+ingested and encoded into a cache with ``run_encode`` (center crops, ``--image-size`` px) on a local Ray.
+Then one fresh process per set, with ``--threads`` torch threads for everything, measures:
+
+1. encoder peak memory: max RSS above the process baseline after building the three encoders and running
+   each on the full batch (an upper bound: officially CLIP-L sees ~10% of it), before Stage C exists;
+2. encoder cost per sample (what caching removes from the training node): each encoder timed on the full
+   batch, wall and process CPU seconds (all threads), combined at the official fractions
+   (effnet and CLIP-bigG text on every sample, CLIP-L vision on 10%); also decode + crop per sample;
+3. step times, the two paths interleaved step by step (after ``--warmup`` steps of each) so that load
+   changes hit both alike, on one ``TrainLoop`` (same model, AdamW, clipping, loss):
+   - cached: ``loop.micro_loss`` on a micro-batch from ``window_micro_batches`` + backward + AdamW step,
+     with the tensors in memory; the cache read (all windows read once, per micro-batch) is added for
+     ``cached_step_with_read_s``;
+   - on the fly (official ``train_c``): effnet on the full batch of crops (ImageNet-normalised inside
+     ``encode``), CLIP-bigG text on the full batch of captions with 5% replaced by "", CLIP-L vision on the
+     samples drawn with probability 10%, all under no_grad; then ``stage_c_loss`` + backward + AdamW step.
+   The speed-up is ``on_the_fly_step_s / cached_step_with_read_s``.
+
+Finally ``run_train`` (a real Ray Train run: 1 worker, Ray Data reading the cache) trains ``--ray-steps``
+steps; its metrics rows give the data-wait fraction and samples/s (the first row, which includes start-up,
+is left out). bf16 autocast of the Stage C forward is off unless ``--bf16`` (the same for every path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import photos  # noqa: E402  (benchmarks/photos.py)
+import torch  # noqa: E402
+
+NARROW = "stage_c/1b-narrow"
+SIZES: dict[str, dict[str, str]] = {
+    "tiny": {"stage_c": "stage_c/tiny", "effnet": "effnet/tiny", "clip_text": "clip_text/tiny",
+             "clip_image": "clip_vision/tiny"},
+    "narrow": {"stage_c": NARROW, "effnet": "effnet", "clip_text": "clip_text/bigg",
+               "clip_image": "clip_vision/l14"},
+}  # fmt: skip
+ENCODERS = ("effnet", "clip_text", "clip_image")
+
+
+def register_narrow() -> None:
+    """Add ``stage_c/1b-narrow`` to the flavor registry of this process (a Ray worker setup hook too)."""
+    from stages import stage_c
+    from stages.flavors import FLAVORS, Flavor
+
+    config = dataclasses.replace(stage_c.FLAVORS["stage_c/1b"], c_cond=256, c_hidden=(256, 256), nhead=(4, 4))
+    FLAVORS.setdefault(NARROW, Flavor(NARROW, "stage_c", config, stage_c.StageC, ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    images: int
+    batch: int
+    image_size_px: int
+    warmup: int
+    steps: int
+    threads: int
+    bf16_autocast: bool
+    ray_steps: int
+    log_every: int
+
+
+# --- the cache ----------------------------------------------------------------------------------------------
+def _save_weights(flavors: dict[str, str], root: Path) -> dict[str, str | None]:
+    """Random released-size encoder weights in the official layouts, so the encode job loads real files."""
+    from stages.flavors import get_flavor
+    from stages.weights import save_weights
+
+    paths: dict[str, str | None] = {}
+    for role in ENCODERS:
+        flavor = get_flavor(flavors[role])
+        if flavor.tiny:
+            paths[role] = None
+            continue
+        model = flavor.build()
+        if flavor.family in ("clip_text", "clip_vision"):
+            model.model.save_pretrained(root / role, safe_serialization=True)
+            paths[role] = str(root / role)
+        else:
+            save_weights(model.state_dict(), root / f"{role}.safetensors")
+            paths[role] = str(root / f"{role}.safetensors")
+        del model
+    return paths
+
+
+def build_cache(root: Path, flavors: dict[str, str], samples: list, image_size_px: int, batch: int) -> Path:
+    """Ingest the photos and encode them with the set's encoders (Ray must be up); returns the cache."""
+    from pipelines.encode import EncodeConfig, run_encode
+    from pipelines.encode_models import EncoderConfig
+    from pipelines.ingest import IngestConfig, run_ingest
+    from pipelines.preprocess import PreprocessConfig
+    from pipelines.sources import SourceConfig
+
+    (root / "src").mkdir(parents=True)
+    photos.write_tar(root / "src" / "00000.tar", samples)
+    run_ingest(IngestConfig(source=SourceConfig(kind="webdataset", path=str(root / "src")),
+                            output_dir=str(root / "shards")))  # fmt: skip
+    weights = _save_weights(flavors, root / "weights")
+    encoders = {role: EncoderConfig(flavor=flavors[role], weights=weights[role], batch_size=batch)
+                for role in ENCODERS}  # fmt: skip
+    run_encode(
+        EncodeConfig(
+            shards=SourceConfig(kind="webdataset", path=str(root / "shards")), output_dir=str(root / "cache"),
+            preprocess=PreprocessConfig(mode="center", image_size_px=image_size_px), formats=("parquet",),
+            **encoders,
+        )
+    )  # fmt: skip
+    return root / "cache"
+
+
+def train_config(cache: Path, out: Path, stage_c: str, settings: Settings, max_steps: int) -> Any:
+    from jobs.train_config import ScalingSpec, TrainConfig
+    from pipelines.train_data import TrainDataConfig
+
+    return TrainConfig(
+        data=TrainDataConfig(path=str(cache)), output_dir=str(out), flavor=stage_c,
+        batch_size=settings.batch, max_steps=max_steps, log_every=settings.log_every, save_every=max_steps,
+        bf16_autocast=settings.bf16_autocast, scaling=ScalingSpec(num_workers=1, cpus_per_worker=1.0),
+    )  # fmt: skip
+
+
+# --- in-process measurements (one fresh process per set) ----------------------------------------------------
+def _max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Clock:
+    """Wall and process-CPU (all threads) seconds of a block."""
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def _optimizer_step(loop: Any, loss: torch.Tensor) -> None:
+    """What ``TrainLoop.run`` does after the micro-loss (one worker, no accumulation, no EMA)."""
+    loss.backward()
+    params = [p for p in loop.trainable.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, loop.config.grad_clip)
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+
+
+def cached_step(loop: Any, batch: dict[str, Any]) -> float:
+    with Clock() as clock:
+        _optimizer_step(loop, loop.micro_loss(batch).loss)
+    return clock.wall
+
+
+def on_the_fly_step(
+    loop: Any, encoders: dict[str, Any], pixels: torch.Tensor, captions: list[str], rng: np.random.Generator
+) -> dict[str, float]:
+    """The official train_c step: encoders under no_grad with the official draws, then the same update."""
+    from stages.objective import CAPTION_DROPOUT, CLIP_IMG_PROBABILITY, stage_c_loss
+
+    b = len(captions)
+    drop = rng.random(b) < CAPTION_DROPOUT
+    use_img = torch.from_numpy(rng.random(b) < CLIP_IMG_PROBABILITY)
+    with Clock() as step:
+        with Clock() as enc, torch.no_grad():
+            latents = encoders["effnet"].encode(pixels)
+            text, pooled = encoders["clip_text"](
+                ["" if d else c for c, d in zip(captions, drop, strict=True)]
+            )
+            img = torch.zeros(b, encoders["clip_image"].config.projection_dim)
+            if bool(use_img.any()):
+                img[use_img] = encoders["clip_image"](pixels[use_img])
+        conditions = {"clip_text": text, "clip_text_pooled": pooled, "clip_img": img.unsqueeze(1)}
+        autocast = torch.bfloat16 if loop.config.bf16_autocast else None
+        out = stage_c_loss(loop.model, loop.gdf, latents, conditions, autocast_dtype=autocast)
+        _optimizer_step(loop, out.loss)
+    return {
+        "step_s": step.wall,
+        "encoder_s": enc.wall,
+        "encoder_cpu_s": enc.cpu,
+        "clip_images": int(use_img.sum()),
+    }
+
+
+def _encoder_pass(encoders: dict[str, Any], pixels: torch.Tensor, captions: list[str]) -> dict[str, Clock]:
+    clocks = {}
+    with torch.no_grad():
+        with Clock() as clocks["effnet"]:
+            encoders["effnet"].encode(pixels)
+        with Clock() as clocks["clip_text"]:
+            encoders["clip_text"](captions)
+        with Clock() as clocks["clip_image"]:
+            encoders["clip_image"](pixels)
+    return clocks
+
+
+def measure(size: str, cache: str, samples: list, settings: Settings, queue: Any) -> None:
+    """Everything in-process for one set (run in a fresh spawned process); puts the result on ``queue``."""
+    from jobs.train import check_train, read_spec
+    from jobs.train_loop import TrainLoop, World
+    from pipelines.images import decode_rgb, to_float_chw
+    from pipelines.preprocess import PreprocessConfig, crop_for_encoding
+    from pipelines.train_data import window_micro_batches
+    from stages.flavors import build_model
+    from stages.objective import CLIP_IMG_PROBABILITY
+
+    register_narrow()
+    torch.set_num_threads(settings.threads)
+    flavors, b = SIZES[size], settings.batch
+    preprocess = PreprocessConfig(mode="center", image_size_px=settings.image_size_px)
+    with Clock() as decode:
+        crops = [crop_for_encoding(torch.from_numpy(to_float_chw(decode_rgb(img, max_pixels=10**8))),
+                                   preprocess).pixels for _, img, _ in samples]  # fmt: skip
+    captions = [caption for _, _, caption in samples]
+    batches = [(torch.stack(crops[i : i + b]), captions[i : i + b]) for i in range(0, len(crops) - b + 1, b)]
+
+    # 1. encoder memory: nothing else heavy exists yet in this process
+    baseline = _max_rss_mib()
+    encoders = {role: build_model(flavors[role])[0] for role in ENCODERS}
+    weights_mib = sum(p.numel() * p.element_size() for m in encoders.values() for p in m.parameters()) / 2**20
+    _encoder_pass(encoders, *batches[0])  # also the warm-up of every encoder
+    encoder_peak = _max_rss_mib() - baseline
+    # 2. encoder cost per sample (full batch each, after the warm-up)
+    clocks = _encoder_pass(encoders, *batches[0])
+    share = {"effnet": 1.0, "clip_text": 1.0, "clip_image": CLIP_IMG_PROBABILITY}
+    per_sample = {role: {"s": c.wall / b, "cpu_s": c.cpu / b} for role, c in clocks.items()}
+
+    # 3. step times on one TrainLoop, the two paths interleaved
+    with tempfile.TemporaryDirectory() as tmp:
+        config = train_config(Path(cache), Path(tmp), flavors["stage_c"], settings,
+                              settings.warmup + settings.steps)  # fmt: skip
+        plan = check_train(config)
+        spec = read_spec(config, plan)
+        with Clock() as read:
+            cached = [mb for window in plan.windows for mb in window_micro_batches(window, spec)]
+        loop = TrainLoop(config, World(), plan.cache.empty_caption)
+    rng = np.random.default_rng(config.seed)
+    cached_s, fly = [], []
+    for i in range(settings.warmup + settings.steps):
+        pixels, caps = batches[i % len(batches)]
+        c_s, f = cached_step(loop, cached[i]), on_the_fly_step(loop, encoders, pixels, caps, rng)
+        if i >= settings.warmup:
+            cached_s.append(c_s)
+            fly.append(f)
+    read_per_step = read.wall / len(cached)
+    cached_mean = statistics.mean(cached_s)
+    fly_mean = statistics.mean(f["step_s"] for f in fly)
+    n = settings.steps * b
+    queue.put({
+        "flavors": flavors, "stage_c_params": sum(p.numel() for p in loop.module.parameters()),
+        "cached_step_s": cached_mean, "cache_read_s_per_step": read_per_step,
+        "cached_step_with_read_s": cached_mean + read_per_step,
+        "on_the_fly_step_s": fly_mean,
+        "speedup_on_the_fly_over_cached": fly_mean / (cached_mean + read_per_step),
+        "ratio_cached_over_on_the_fly": (cached_mean + read_per_step) / fly_mean,
+        "speedup_vs_cached_in_memory": fly_mean / cached_mean,
+        "on_the_fly_encoder_s_per_step": statistics.mean(f["encoder_s"] for f in fly),
+        "on_the_fly_encoder_s_per_sample_measured": sum(f["encoder_s"] for f in fly) / n,
+        "on_the_fly_encoder_cpu_s_per_sample_measured": sum(f["encoder_cpu_s"] for f in fly) / n,
+        "on_the_fly_clip_image_fraction": sum(f["clip_images"] for f in fly) / n,
+        "encoder_s_per_sample": sum(share[r] * v["s"] for r, v in per_sample.items()),
+        "encoder_cpu_s_per_sample": sum(share[r] * v["cpu_s"] for r, v in per_sample.items()),
+        "encoder_per_sample_by_model": per_sample, "encoder_share_of_samples": share,
+        "decode_crop_s_per_sample": decode.wall / len(samples),
+        "encoder_peak_mib": encoder_peak, "encoder_weights_mib": weights_mib,
+        "step_times": {"cached_s": cached_s, "on_the_fly_s": [f["step_s"] for f in fly]},
+        "steps_per_window": len(cached) / len(plan.windows),
+    })  # fmt: skip
+
+
+def in_fresh_process(size: str, cache: Path, samples: list, settings: Settings) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=measure, args=(size, str(cache), samples, settings, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+# --- Ray Train ----------------------------------------------------------------------------------------------
+def ray_train(cache: Path, out: Path, stage_c: str, settings: Settings) -> dict[str, Any]:
+    """A real ``run_train`` on the cache (Ray must be up); data wait and samples/s from its metrics rows."""
+    from jobs.train import run_train
+
+    config = train_config(cache, out, stage_c, settings, settings.ray_steps)
+    start = time.perf_counter()
+    summary = run_train(config)
+    wall = time.perf_counter() - start
+    with open(summary.metrics_csv) as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    steady = rows[1:]
+    return {
+        "data_wait_fraction": statistics.mean(r["data_wait_fraction"] for r in steady),
+        "data_wait_fraction_max": max(r["data_wait_fraction"] for r in steady),
+        "samples_per_s": statistics.mean(r["samples_per_s"] for r in steady),
+        "goal": "data_wait_fraction <= 0.05", "steps": settings.ray_steps, "log_every": settings.log_every,
+        "num_workers": 1, "cpus_per_worker": config.scaling.cpus_per_worker, "read_cpus": config.data.read_cpus,
+        "prefetch_batches": config.data.prefetch_batches, "wall_s": wall, "rows": rows,
+    }  # fmt: skip
+
+
+def _ray_init(**kwargs: Any) -> None:
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             **kwargs)  # fmt: skip
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| set | Stage C | cached step s | on-the-fly step s | speed-up | encoder s/sample (CPU s) "
+        "| encoder peak MiB | Ray data wait | Ray samples/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for size, r in results.items():
+        ray = r["ray_train"]
+        lines.append(
+            f"| {size} | {r['flavors']['stage_c']} | {r['cached_step_with_read_s']:.3f} | "
+            f"{r['on_the_fly_step_s']:.3f} | {r['speedup_on_the_fly_over_cached']:.2f}× | "
+            f"{r['encoder_s_per_sample']:.3f} ({r['encoder_cpu_s_per_sample']:.3f}) | "
+            f"{r['encoder_peak_mib']:.0f} | {ray['data_wait_fraction']:.1%} | {ray['samples_per_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "narrow"])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=768, help="center-crop side (official: 768)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of both paths")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the Stage C forward")
+    parser.add_argument("--ray-steps", type=int, default=20)
+    parser.add_argument("--log-every", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="4 photos at 384 px, batch 2, fewer steps")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.batch, args.image_size, args.warmup, args.steps, args.ray_steps = 4, 2, 384, 1, 2, 8
+    settings = Settings(args.images, args.batch, args.image_size, args.warmup, args.steps, args.threads,
+                        args.bf16, args.ray_steps, args.log_every)  # fmt: skip
+    register_narrow()
+    load_start = os.getloadavg()
+    samples = photos.samples(args.images)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        import ray
+
+        _ray_init()
+        caches = {size: build_cache(root / size, SIZES[size], samples, args.image_size, args.batch)
+                  for size in args.sizes}  # fmt: skip
+        ray.shutdown()
+        for size in args.sizes:
+            results[size] = in_fresh_process(size, caches[size], samples, settings)
+            print(
+                f"{size}: {json.dumps({k: v for k, v in results[size].items() if k.endswith('_s')})}",
+                flush=True,
+            )
+        _ray_init(runtime_env={"worker_process_setup_hook": register_narrow})
+        for size in args.sizes:
+            results[size]["ray_train"] = ray_train(caches[size], root / size / "runs", SIZES[size]["stage_c"],
+                                                   settings)  # fmt: skip
+        ray.shutdown()
+    report = {
+        "benchmark": "train", "command": " ".join(["python", *sys.argv]), "settings": dataclasses.asdict(settings),
+        "bf16_autocast": args.bf16, "cpu_count": os.cpu_count(), "cpu": platform.processor() or "cpu",
+        "torch": torch.__version__, "ray": ray.__version__, "torch_threads": args.threads,
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "results": results,
+    }  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(table(results))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
