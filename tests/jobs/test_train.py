@@ -25,6 +25,7 @@ from pipelines.train_data import TrainDataConfig, window_micro_batches
 from stages.flavors import build_model
 from tests.conftest import REPO_ROOT
 from tests.jobs.train_cache import build_cache
+from tests.s3 import moto_endpoint
 
 # two Ray Train workers and the read tasks share CI's 2 CPUs
 HALF_CPU = ScalingSpec(num_workers=1, cpus_per_worker=0.5)
@@ -273,3 +274,65 @@ def test_fsdp_shards_the_generator_and_saves_the_full_official_state(cache, one_
     weights, optimizer, state = read_checkpoint(summary.checkpoint)
     assert state["world_size"] == 2 and set(weights["generator"]) == set(model.state_dict())
     assert set(optimizer["state"]) == {k for k, _ in model.named_parameters()}
+
+
+def test_checkpoints_on_s3_and_resume_from_there(cache, tmp_path) -> None:
+    """Ray Train storage on the S3 protocol (moto on loopback): checkpoints, metrics and resume go through it."""
+    import fsspec
+
+    with moto_endpoint() as endpoint:
+        fs = fsspec.filesystem("s3", endpoint_url=endpoint, skip_instance_cache=True)
+        fs.mkdir("train-s3-test")
+        config = _config(cache, tmp_path, output_dir="s3://train-s3-test/runs", storage_endpoint_url=endpoint,
+                         max_steps=2, save_every=2)  # fmt: skip
+        first = run_train(config)
+        assert first.checkpoint.endswith("train-s3-test/runs/stage_c/checkpoint_00000002")
+        names = {p.rsplit("/", 1)[-1] for p in fs.ls("train-s3-test/runs/stage_c/checkpoint_00000002")}
+        assert {"generator.safetensors", "optimizer.safetensors", "trainer_state.json"} <= names
+        second = run_train(dataclasses.replace(config, max_steps=4))
+        assert (second.start_step, second.final_step) == (2, 4)
+        rows = list(csv.DictReader(fs.open("train-s3-test/runs/stage_c/metrics.csv", "r")))
+        assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_webdataset_cache_gives_the_parquet_micro_batches(cache) -> None:
+    parquet = _config(cache, Path("unused"))
+    tars = dataclasses.replace(parquet, data=dataclasses.replace(parquet.data, format="webdataset"))
+    batches = []
+    for config in (parquet, tars):
+        plan = check_train(config)
+        batches.append([b for w in plan.windows for b in window_micro_batches(w, read_spec(config, plan))])
+    assert len(batches[0]) == len(batches[1]) == 6
+    for a, b in zip(*batches, strict=True):
+        assert a["key"] == b["key"] and all(
+            np.array_equal(a[k], b[k]) for k in ("effnet", "clip_text", "clip_img")
+        )
+
+
+def test_warmup_and_ema_follow_the_official_schedule(cache, tmp_path) -> None:
+    """In-process (no Ray): lr ramps as GradualWarmupScheduler(multiplier=1); EMA copies, then blends."""
+    from jobs.train_loop import TrainLoop, World
+
+    config = _config(cache, tmp_path, max_steps=6, save_every=6, warmup_updates=4, lr=1e-3,
+                     ema=EmaConfig(start_step=2, every=1, beta=0.5))  # fmt: skip
+    plan = check_train(config)
+    loop = TrainLoop(config, World(), plan.cache.empty_caption)
+    batches = (b for w in plan.windows for b in window_micro_batches(w, read_spec(config, plan)))
+    seen = []  # (step, lr for the next update) after every update; the first update runs at lr 0
+    original = loop._update_ema
+
+    def spy() -> None:
+        before = {k: v.clone() for k, v in loop.ema.state_dict().items()}
+        seen.append((loop.step, loop.optimizer.param_groups[0]["lr"]))
+        original()
+        after, now = loop.ema.state_dict(), loop.module.state_dict()
+        beta = 0.5 if loop.step > 2 else 0.0
+        for k, v in after.items():
+            if v.is_floating_point():
+                torch.testing.assert_close(v, before[k] * beta + now[k] * (1 - beta))
+
+    loop._update_ema = spy
+    rows = loop.run(batches, progress=False)
+    assert [s for s, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert [lr for _, lr in seen] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert rows[-1]["step"] == 6

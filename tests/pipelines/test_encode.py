@@ -20,6 +20,7 @@ from pipelines.sources import SourceConfig
 from stages.flavors import build_model
 from tests.pipelines import corrupt
 from tests.pipelines.photos import PHOTOS, captions, jpeg
+from tests.s3 import moto_endpoint
 
 
 def _tar(samples: dict[str, tuple[bytes, str]]) -> bytes:
@@ -260,19 +261,9 @@ def test_reuses_the_clip_embeddings_that_score_stored(shards, tmp_path) -> None:
 
 
 def test_encode_to_s3_on_loopback(shards) -> None:
-    import socket
+    import fsspec
 
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        import fsspec
-
+    with moto_endpoint() as endpoint:
         # credentials: conftest's dummy AWS environment (Ray workers inherit it)
         fsspec.filesystem("s3", endpoint_url=endpoint).mkdir("encode-s3-test")
         summary = run_encode(_config(shards, "s3://encode-s3-test/run1", output_endpoint_url=endpoint))
@@ -283,5 +274,3 @@ def test_encode_to_s3_on_loopback(shards) -> None:
         ):
             rows.update({k: batch["effnet"][i] for i, k in enumerate(batch["key"])})
         assert set(rows) == set(PHOTOS) and all(v.shape == (16, 24, 24) for v in rows.values())
-    finally:
-        server.stop()

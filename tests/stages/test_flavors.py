@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import fsspec
 import pytest
 import torch
@@ -11,6 +9,7 @@ import torch
 from stages.flavors import FLAVORS, build_model, find_weights, get_flavor
 from stages.weights import WeightsError, save_weights
 from tests.helpers import randomize_
+from tests.s3 import moto_endpoint
 
 RELEASED_COUNTS = {
     "stage_c/3.6b": 3_589_103_632,
@@ -87,26 +86,15 @@ def test_wrong_file_for_flavor_is_refused(tmp_path) -> None:
         build_model("stage_a/tiny", weights=path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_load_from_s3_on_loopback(monkeypatch) -> None:
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
+    with moto_endpoint() as endpoint:
         for key, value in {
             "AWS_ACCESS_KEY_ID": "test",
             "AWS_SECRET_ACCESS_KEY": "test",
             "AWS_DEFAULT_REGION": "us-east-1",
         }.items():
             monkeypatch.setenv(key, value)
-        options = {"endpoint_url": f"http://127.0.0.1:{port}", "skip_instance_cache": True}
+        options = {"endpoint_url": endpoint, "skip_instance_cache": True}
         fsspec.filesystem("s3", **options).mkdir("weights")
         model, _ = build_model("effnet/tiny")
         sha = save_weights(
@@ -118,8 +106,6 @@ def test_load_from_s3_on_loopback(monkeypatch) -> None:
         x = torch.rand(1, 3, 64, 64)
         with torch.no_grad():
             assert torch.equal(loaded.encode(x), model.encode(x))
-    finally:
-        server.stop()
 
 
 WEIGHTED_TINY = sorted(
