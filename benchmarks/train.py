@@ -13,13 +13,15 @@ All weights are seeded random (step time does not depend on their values). Real 
 ingested and encoded into a cache with ``run_encode`` (center crops, ``--image-size`` px) on a local Ray.
 Then one fresh process per set, with ``--threads`` torch threads for everything, measures:
 
-1. encoder peak memory: max RSS above the process baseline after building the three encoders and running
-   each on the full batch (an upper bound: officially CLIP-L sees ~10% of it), before Stage C exists;
+1. encoder peak memory: peak RSS (``VmHWM``, reset first) above the RSS before building the three encoders
+   and running each on the full batch (an upper bound: officially CLIP-L sees ~10% of it), before Stage C
+   exists; the encoders' weight bytes are reported beside it;
 2. encoder cost per sample (what caching removes from the training node): each encoder timed on the full
-   batch, wall and process CPU seconds (all threads), combined at the official fractions
-   (effnet and CLIP-bigG text on every sample, CLIP-L vision on 10%); also decode + crop per sample;
+   batch, wall and process CPU seconds (all threads), combined at the official fractions (effnet and
+   CLIP-bigG text on every sample, CLIP-L vision on 10%); also their GFLOP and decode + crop per sample;
 3. step times, the two paths interleaved step by step (after ``--warmup`` steps of each) so that load
-   changes hit both alike, on one ``TrainLoop`` (same model, AdamW, clipping, loss):
+   changes (other jobs on the machine) hit both alike, on one ``TrainLoop`` (same model, AdamW, gradient
+   clipping, loss); the medians over ``--steps`` steps are compared (means and every step are kept too):
    - cached: ``loop.micro_loss`` on a micro-batch from ``window_micro_batches`` + backward + AdamW step,
      with the tensors in memory; the cache read (all windows read once, per micro-batch) is added for
      ``cached_step_with_read_s``;
@@ -31,6 +33,11 @@ Then one fresh process per set, with ``--threads`` torch threads for everything,
 Finally ``run_train`` (a real Ray Train run: 1 worker, Ray Data reading the cache) trains ``--ray-steps``
 steps; its metrics rows give the data-wait fraction and samples/s (the first row, which includes start-up,
 is left out). bf16 autocast of the Stage C forward is off unless ``--bf16`` (the same for every path).
+
+The narrow Stage C does ~30× fewer FLOPs per sample than ``stage_c/1b``, so its measured speed-up
+overstates the released models'. ``flop_projection`` therefore gives, at equal FLOP/s,
+1 + encoder GFLOP / Stage C GFLOP per sample (Stage C forward + backward counted on the meta device at the
+run's latent size) for the measured flavors and for ``stage_c/1b`` and ``stage_c/3.6b``.
 """
 
 from __future__ import annotations
@@ -42,7 +49,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -89,8 +95,7 @@ class Settings:
     steps: int
     threads: int
     bf16_autocast: bool
-    ray_steps: int
-    log_every: int
+    ray_steps: dict[str, int]
 
 
 # --- the cache ----------------------------------------------------------------------------------------------
@@ -141,20 +146,31 @@ def build_cache(root: Path, flavors: dict[str, str], samples: list, image_size_p
     return root / "cache"
 
 
-def train_config(cache: Path, out: Path, stage_c: str, settings: Settings, max_steps: int) -> Any:
+def train_config(
+    cache: Path, out: Path, stage_c: str, settings: Settings, max_steps: int, log_every: int = 1
+) -> Any:
     from jobs.train_config import ScalingSpec, TrainConfig
     from pipelines.train_data import TrainDataConfig
 
     return TrainConfig(
         data=TrainDataConfig(path=str(cache)), output_dir=str(out), flavor=stage_c,
-        batch_size=settings.batch, max_steps=max_steps, log_every=settings.log_every, save_every=max_steps,
+        batch_size=settings.batch, max_steps=max_steps, log_every=log_every, save_every=max_steps,
         bf16_autocast=settings.bf16_autocast, scaling=ScalingSpec(num_workers=1, cpus_per_worker=1.0),
     )  # fmt: skip
 
 
 # --- in-process measurements (one fresh process per set) ----------------------------------------------------
-def _max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mib(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` (peak RSS) of this process from /proc, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current RSS (Linux ≥ 4.0), so the next peak is this block's."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 class Clock:
@@ -213,16 +229,46 @@ def on_the_fly_step(
     }
 
 
-def _encoder_pass(encoders: dict[str, Any], pixels: torch.Tensor, captions: list[str]) -> dict[str, Clock]:
+def _encoder_pass(
+    encoders: dict[str, Any], pixels: torch.Tensor, captions: list[str], roles: tuple[str, ...] = ENCODERS
+) -> dict[str, Clock]:
+    """Each encoder on the full batch, as the encode pipeline calls it; the clock of each."""
+    run = {"effnet": lambda: encoders["effnet"].encode(pixels), "clip_text": lambda: encoders["clip_text"](captions),
+           "clip_image": lambda: encoders["clip_image"](pixels)}  # fmt: skip
     clocks = {}
     with torch.no_grad():
-        with Clock() as clocks["effnet"]:
-            encoders["effnet"].encode(pixels)
-        with Clock() as clocks["clip_text"]:
-            encoders["clip_text"](captions)
-        with Clock() as clocks["clip_image"]:
-            encoders["clip_image"](pixels)
+        for role in roles:
+            with Clock() as clocks[role]:
+                run[role]()
     return clocks
+
+
+def _encoder_gflops(encoders: dict[str, Any], pixels: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    """GFLOP per sample of each encoder (matmul/conv FLOPs, 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = {}
+    for role in ENCODERS:
+        with FlopCounterMode(display=False) as counter:
+            _encoder_pass(encoders, pixels, captions, roles=(role,))
+        out[role] = counter.get_total_flops() / len(captions) / 1e9
+    return out
+
+
+def stage_c_gflops(flavor: str, latent_side: int) -> float:
+    """Stage C forward + backward GFLOP per sample at ``latent_side``², counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stages.flavors import get_flavor
+
+    spec = get_flavor(flavor)
+    model, c = spec.build(device="meta").train(), spec.config
+    with torch.device("meta"):
+        args = (torch.randn(2, c.c_in, latent_side, latent_side), torch.rand(2), torch.randn(2, 77, c.c_clip_text),
+                torch.randn(2, 1, c.c_clip_text_pooled), torch.randn(2, 1, c.c_clip_img))  # fmt: skip
+    with FlopCounterMode(display=False) as counter:
+        model(*args).float().pow(2).mean().backward()
+    return counter.get_total_flops() / 2 / 1e9
 
 
 def measure(size: str, cache: str, samples: list, settings: Settings, queue: Any) -> None:
@@ -246,15 +292,19 @@ def measure(size: str, cache: str, samples: list, settings: Settings, queue: Any
     batches = [(torch.stack(crops[i : i + b]), captions[i : i + b]) for i in range(0, len(crops) - b + 1, b)]
 
     # 1. encoder memory: nothing else heavy exists yet in this process
-    baseline = _max_rss_mib()
+    _reset_peak_rss()
+    baseline = _status_mib("VmRSS")
     encoders = {role: build_model(flavors[role])[0] for role in ENCODERS}
     weights_mib = sum(p.numel() * p.element_size() for m in encoders.values() for p in m.parameters()) / 2**20
     _encoder_pass(encoders, *batches[0])  # also the warm-up of every encoder
-    encoder_peak = _max_rss_mib() - baseline
+    encoder_peak = _status_mib("VmHWM") - baseline
     # 2. encoder cost per sample (full batch each, after the warm-up)
     clocks = _encoder_pass(encoders, *batches[0])
     share = {"effnet": 1.0, "clip_text": 1.0, "clip_image": CLIP_IMG_PROBABILITY}
-    per_sample = {role: {"s": c.wall / b, "cpu_s": c.cpu / b} for role, c in clocks.items()}
+    gflops = _encoder_gflops(encoders, *batches[0])
+    per_sample = {
+        role: {"s": c.wall / b, "cpu_s": c.cpu / b, "gflop": gflops[role]} for role, c in clocks.items()
+    }
 
     # 3. step times on one TrainLoop, the two paths interleaved
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,27 +324,29 @@ def measure(size: str, cache: str, samples: list, settings: Settings, queue: Any
             cached_s.append(c_s)
             fly.append(f)
     read_per_step = read.wall / len(cached)
-    cached_mean = statistics.mean(cached_s)
-    fly_mean = statistics.mean(f["step_s"] for f in fly)
+    cached_med = statistics.median(cached_s)
+    fly_s = [f["step_s"] for f in fly]
+    fly_med = statistics.median(fly_s)
     n = settings.steps * b
     queue.put({
         "flavors": flavors, "stage_c_params": sum(p.numel() for p in loop.module.parameters()),
-        "cached_step_s": cached_mean, "cache_read_s_per_step": read_per_step,
-        "cached_step_with_read_s": cached_mean + read_per_step,
-        "on_the_fly_step_s": fly_mean,
-        "speedup_on_the_fly_over_cached": fly_mean / (cached_mean + read_per_step),
-        "ratio_cached_over_on_the_fly": (cached_mean + read_per_step) / fly_mean,
-        "speedup_vs_cached_in_memory": fly_mean / cached_mean,
-        "on_the_fly_encoder_s_per_step": statistics.mean(f["encoder_s"] for f in fly),
+        "cached_step_s": cached_med, "cache_read_s_per_step": read_per_step,
+        "cached_step_with_read_s": cached_med + read_per_step, "on_the_fly_step_s": fly_med,
+        "speedup_on_the_fly_over_cached": fly_med / (cached_med + read_per_step),
+        "ratio_cached_over_on_the_fly": (cached_med + read_per_step) / fly_med,
+        "speedup_vs_cached_in_memory": fly_med / cached_med,
+        "cached_step_s_mean": statistics.mean(cached_s), "on_the_fly_step_s_mean": statistics.mean(fly_s),
+        "on_the_fly_encoder_s_per_step": statistics.median(f["encoder_s"] for f in fly),
         "on_the_fly_encoder_s_per_sample_measured": sum(f["encoder_s"] for f in fly) / n,
         "on_the_fly_encoder_cpu_s_per_sample_measured": sum(f["encoder_cpu_s"] for f in fly) / n,
         "on_the_fly_clip_image_fraction": sum(f["clip_images"] for f in fly) / n,
         "encoder_s_per_sample": sum(share[r] * v["s"] for r, v in per_sample.items()),
         "encoder_cpu_s_per_sample": sum(share[r] * v["cpu_s"] for r, v in per_sample.items()),
+        "encoder_gflop_per_sample": sum(share[r] * v["gflop"] for r, v in per_sample.items()),
         "encoder_per_sample_by_model": per_sample, "encoder_share_of_samples": share,
         "decode_crop_s_per_sample": decode.wall / len(samples),
         "encoder_peak_mib": encoder_peak, "encoder_weights_mib": weights_mib,
-        "step_times": {"cached_s": cached_s, "on_the_fly_s": [f["step_s"] for f in fly]},
+        "step_times": {"cached_s": cached_s, "on_the_fly_s": fly_s},
         "steps_per_window": len(cached) / len(plan.windows),
     })  # fmt: skip
 
@@ -310,11 +362,11 @@ def in_fresh_process(size: str, cache: Path, samples: list, settings: Settings) 
 
 
 # --- Ray Train ----------------------------------------------------------------------------------------------
-def ray_train(cache: Path, out: Path, stage_c: str, settings: Settings) -> dict[str, Any]:
+def ray_train(cache: Path, out: Path, stage_c: str, settings: Settings, steps: int) -> dict[str, Any]:
     """A real ``run_train`` on the cache (Ray must be up); data wait and samples/s from its metrics rows."""
     from jobs.train import run_train
 
-    config = train_config(cache, out, stage_c, settings, settings.ray_steps)
+    config = train_config(cache, out, stage_c, settings, steps, log_every=max(1, steps // 6))
     start = time.perf_counter()
     summary = run_train(config)
     wall = time.perf_counter() - start
@@ -325,7 +377,7 @@ def ray_train(cache: Path, out: Path, stage_c: str, settings: Settings) -> dict[
         "data_wait_fraction": statistics.mean(r["data_wait_fraction"] for r in steady),
         "data_wait_fraction_max": max(r["data_wait_fraction"] for r in steady),
         "samples_per_s": statistics.mean(r["samples_per_s"] for r in steady),
-        "goal": "data_wait_fraction <= 0.05", "steps": settings.ray_steps, "log_every": settings.log_every,
+        "goal": "data_wait_fraction <= 0.05", "steps": steps, "log_every": config.log_every,
         "num_workers": 1, "cpus_per_worker": config.scaling.cpus_per_worker, "read_cpus": config.data.read_cpus,
         "prefetch_batches": config.data.prefetch_batches, "wall_s": wall, "rows": rows,
     }  # fmt: skip
@@ -356,25 +408,46 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def projection(results: dict[str, dict[str, Any]], latent_side: int) -> dict[str, Any]:
+    """Speed-up of caching by FLOPs (equal FLOP/s assumed) for each measured and each released Stage C.
+
+    The released encoders' GFLOP/sample come from the ``narrow`` set (the released-size encoders).
+    """
+    out: dict[str, Any] = {}
+    for size, r in results.items():
+        stage_c = stage_c_gflops(r["flavors"]["stage_c"], latent_side)
+        r["stage_c_gflop_per_sample_fwd_bwd"] = stage_c
+        out[r["flavors"]["stage_c"]] = {"stage_c_gflop_per_sample_fwd_bwd": stage_c,
+                                        "encoder_gflop_per_sample": r["encoder_gflop_per_sample"],
+                                        "speedup": 1 + r["encoder_gflop_per_sample"] / stage_c}  # fmt: skip
+        if size == "narrow":
+            for flavor in ("stage_c/1b", "stage_c/3.6b"):
+                gflops = stage_c_gflops(flavor, latent_side)
+                out[flavor] = {"stage_c_gflop_per_sample_fwd_bwd": gflops,
+                               "encoder_gflop_per_sample": r["encoder_gflop_per_sample"],
+                               "speedup": 1 + r["encoder_gflop_per_sample"] / gflops}  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "narrow"])
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=768, help="center-crop side (official: 768)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of both paths")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the Stage C forward")
-    parser.add_argument("--ray-steps", type=int, default=20)
-    parser.add_argument("--log-every", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="4 photos at 384 px, batch 2, fewer steps")
+    parser.add_argument("--ray-steps", type=int, nargs=2, default=[60, 10], metavar=("TINY", "NARROW"),
+                        help="steps of the Ray Train run per set")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="4 photos at 384 px, fewer steps")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train.json"))
     args = parser.parse_args()
     if args.quick:
-        args.images, args.batch, args.image_size, args.warmup, args.steps, args.ray_steps = 4, 2, 384, 1, 2, 8
+        args.images, args.image_size, args.warmup, args.steps, args.ray_steps = 4, 384, 2, 3, [24, 6]
     settings = Settings(args.images, args.batch, args.image_size, args.warmup, args.steps, args.threads,
-                        args.bf16, args.ray_steps, args.log_every)  # fmt: skip
+                        args.bf16, dict(zip(("tiny", "narrow"), args.ray_steps, strict=True)))  # fmt: skip
     register_narrow()
     load_start = os.getloadavg()
     samples = photos.samples(args.images)
@@ -396,18 +469,28 @@ def main() -> None:
         _ray_init(runtime_env={"worker_process_setup_hook": register_narrow})
         for size in args.sizes:
             results[size]["ray_train"] = ray_train(caches[size], root / size / "runs", SIZES[size]["stage_c"],
-                                                   settings)  # fmt: skip
+                                                   settings, settings.ray_steps[size])  # fmt: skip
         ray.shutdown()
+    flops = projection(results, args.image_size // 32)
     report = {
         "benchmark": "train", "command": " ".join(["python", *sys.argv]), "settings": dataclasses.asdict(settings),
         "bf16_autocast": args.bf16, "cpu_count": os.cpu_count(), "cpu": platform.processor() or "cpu",
         "torch": torch.__version__, "ray": ray.__version__, "torch_threads": args.threads,
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "results": results,
+        "flop_projection": flops,
     }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(table(results))
+    print()
+    print("| Stage C | Stage C GFLOP/sample (fwd+bwd) | encoder GFLOP/sample | speed-up at equal FLOP/s |")
+    print("|---|---|---|---|")
+    for flavor, p in flops.items():
+        print(
+            f"| {flavor} | {p['stage_c_gflop_per_sample_fwd_bwd']:.0f} | {p['encoder_gflop_per_sample']:.1f} | "
+            f"{p['speedup']:.3f}× |"
+        )
     print(f"wrote {out}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -167,10 +168,9 @@ def test_kill_and_resume_repeats_the_uninterrupted_trajectory(cache, one_worker_
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint within 240 s"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray: raylet workers run in sessions of their own
-    subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(1)
+    _kill_environment(f"RAY_TMPDIR={ray_tmp}")  # its Ray: raylet and workers run in sessions of their own
     killed_at = max(
         json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/trainer_state.json")
     )
@@ -184,6 +184,26 @@ def test_kill_and_resume_repeats_the_uninterrupted_trajectory(cache, one_worker_
     w_resumed, _, _ = read_checkpoint(run_dir / "checkpoint_00000016")
     w_ref, _, _ = read_checkpoint(one.checkpoint)
     assert all(torch.allclose(w_resumed["generator"][k], v, atol=1e-6) for k, v in w_ref["generator"].items())
+
+
+def _kill_environment(marker: str) -> None:
+    """SIGKILL every process whose environment holds ``marker`` (a killed driver's Ray processes), until none is left."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = []
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    found.append(int(pid))
+            except OSError:
+                continue
+        if not found:
+            return
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    raise AssertionError(f"processes with {marker} survive")
 
 
 @pytest.fixture(scope="module")
