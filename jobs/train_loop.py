@@ -332,7 +332,11 @@ class TrainLoop:
     # --- previews ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def preview(self, batch: MicroBatch) -> bytes:
-        """A PNG grid: the Previewer decode of the cached latents (top) and of samples for their conditions."""
+        """A PNG grid: the Previewer decode of the cached latents (top) and of samples for their conditions.
+
+        With real Previewer weights the decode is clamped to [0, 1] as officially; a random-init Previewer
+        (tests, demos) is contrast-stretched per image and channel instead, since its raw output is near zero.
+        """
         from PIL import Image
 
         cfg = self.config.preview
@@ -359,7 +363,13 @@ class TrainLoop:
         *_, (x0, _, _) = self.gdf.sample(model, cond, latents.shape, unconditional_inputs=uncond,
                                          timesteps=cfg.timesteps, cfg=cfg.cfg, shift=1.0, generator=generator)  # fmt: skip
         model.train(was_training)
-        images = previewer(torch.cat([latents, x0])).clamp(0, 1)
+        images = previewer(torch.cat([latents, x0]))
+        if (
+            cfg.previewer_weights is None
+        ):  # a random-init Previewer: stretch each channel so the grid shows something
+            low = images.amin(dim=(2, 3), keepdim=True)
+            images = (images - low) / (images.amax(dim=(2, 3), keepdim=True) - low).clamp_min(1e-6)
+        images = images.clamp(0, 1)
         grid = (
             images.reshape(2, n, *images.shape[1:])
             .permute(0, 3, 1, 4, 2)
