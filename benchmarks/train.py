@@ -17,8 +17,9 @@ Then one fresh process per set, with ``--threads`` torch threads for everything,
    and running each on the full batch (an upper bound: officially CLIP-L sees ~10% of it), before Stage C
    exists; the encoders' weight bytes are reported beside it;
 2. encoder cost per sample (what caching removes from the training node): each encoder timed on the full
-   batch, wall and process CPU seconds (all threads), combined at the official fractions (effnet and
-   CLIP-bigG text on every sample, CLIP-L vision on 10%); also their GFLOP and decode + crop per sample;
+   batch (median of 3 passes), wall and process CPU seconds (all threads), combined at the official
+   fractions (effnet and CLIP-bigG text on every sample, CLIP-L vision on 10%); also their GFLOP and the
+   decode + crop seconds per sample (official: in DataLoader workers; also gone with the cache);
 3. step times, the two paths interleaved step by step (after ``--warmup`` steps of each) so that load
    changes (other jobs on the machine) hit both alike, on one ``TrainLoop`` (same model, AdamW, gradient
    clipping, loss); the medians over ``--steps`` steps are compared (means and every step are kept too):
@@ -91,8 +92,8 @@ class Settings:
     images: int
     batch: int
     image_size_px: int
-    warmup: int
-    steps: int
+    warmup: dict[str, int]
+    steps: dict[str, int]
     threads: int
     bf16_autocast: bool
     ray_steps: dict[str, int]
@@ -284,6 +285,7 @@ def measure(size: str, cache: str, samples: list, settings: Settings, queue: Any
     register_narrow()
     torch.set_num_threads(settings.threads)
     flavors, b = SIZES[size], settings.batch
+    warmup, steps = settings.warmup[size], settings.steps[size]
     preprocess = PreprocessConfig(mode="center", image_size_px=settings.image_size_px)
     with Clock() as decode:
         crops = [crop_for_encoding(torch.from_numpy(to_float_chw(decode_rgb(img, max_pixels=10**8))),
@@ -298,18 +300,17 @@ def measure(size: str, cache: str, samples: list, settings: Settings, queue: Any
     weights_mib = sum(p.numel() * p.element_size() for m in encoders.values() for p in m.parameters()) / 2**20
     _encoder_pass(encoders, *batches[0])  # also the warm-up of every encoder
     encoder_peak = _status_mib("VmHWM") - baseline
-    # 2. encoder cost per sample (full batch each, after the warm-up)
-    clocks = _encoder_pass(encoders, *batches[0])
+    # 2. encoder cost per sample (full batch each, after the warm-up; median of 3 passes)
+    passes = [_encoder_pass(encoders, *batches[0]) for _ in range(3)]
     share = {"effnet": 1.0, "clip_text": 1.0, "clip_image": CLIP_IMG_PROBABILITY}
     gflops = _encoder_gflops(encoders, *batches[0])
-    per_sample = {
-        role: {"s": c.wall / b, "cpu_s": c.cpu / b, "gflop": gflops[role]} for role, c in clocks.items()
-    }
+    per_sample = {role: {"s": statistics.median(p[role].wall for p in passes) / b,
+                         "cpu_s": statistics.median(p[role].cpu for p in passes) / b, "gflop": gflops[role]}
+                  for role in ENCODERS}  # fmt: skip
 
     # 3. step times on one TrainLoop, the two paths interleaved
     with tempfile.TemporaryDirectory() as tmp:
-        config = train_config(Path(cache), Path(tmp), flavors["stage_c"], settings,
-                              settings.warmup + settings.steps)  # fmt: skip
+        config = train_config(Path(cache), Path(tmp), flavors["stage_c"], settings, warmup + steps)
         plan = check_train(config)
         spec = read_spec(config, plan)
         with Clock() as read:
@@ -317,17 +318,17 @@ def measure(size: str, cache: str, samples: list, settings: Settings, queue: Any
         loop = TrainLoop(config, World(), plan.cache.empty_caption)
     rng = np.random.default_rng(config.seed)
     cached_s, fly = [], []
-    for i in range(settings.warmup + settings.steps):
+    for i in range(warmup + steps):
         pixels, caps = batches[i % len(batches)]
         c_s, f = cached_step(loop, cached[i]), on_the_fly_step(loop, encoders, pixels, caps, rng)
-        if i >= settings.warmup:
+        if i >= warmup:
             cached_s.append(c_s)
             fly.append(f)
     read_per_step = read.wall / len(cached)
     cached_med = statistics.median(cached_s)
     fly_s = [f["step_s"] for f in fly]
     fly_med = statistics.median(fly_s)
-    n = settings.steps * b
+    n = steps * b
     queue.put({
         "flavors": flavors, "stage_c_params": sum(p.numel() for p in loop.module.parameters()),
         "cached_step_s": cached_med, "cache_read_s_per_step": read_per_step,
@@ -435,19 +436,26 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=768, help="center-crop side (official: 768)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5)
+    per_set = {"nargs": 2, "metavar": ("TINY", "NARROW")}
+    parser.add_argument("--warmup", type=int, default=[10, 3], help="untimed steps per set", **per_set)
+    parser.add_argument("--steps", type=int, default=[20, 5], help="timed steps per set", **per_set)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of both paths")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the Stage C forward")
-    parser.add_argument("--ray-steps", type=int, nargs=2, default=[60, 10], metavar=("TINY", "NARROW"),
-                        help="steps of the Ray Train run per set")  # fmt: skip
+    parser.add_argument("--ray-steps", type=int, default=[60, 10], help="Ray Train steps per set", **per_set)
     parser.add_argument("--quick", action="store_true", help="4 photos at 384 px, fewer steps")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train.json"))
     args = parser.parse_args()
     if args.quick:
-        args.images, args.image_size, args.warmup, args.steps, args.ray_steps = 4, 384, 2, 3, [24, 6]
-    settings = Settings(args.images, args.batch, args.image_size, args.warmup, args.steps, args.threads,
-                        args.bf16, dict(zip(("tiny", "narrow"), args.ray_steps, strict=True)))  # fmt: skip
+        args.images, args.image_size, args.warmup, args.steps, args.ray_steps = (
+            4,
+            384,
+            [4, 2],
+            [8, 3],
+            [24, 6],
+        )
+    by_set = lambda values: dict(zip(("tiny", "narrow"), values, strict=True))  # noqa: E731
+    settings = Settings(args.images, args.batch, args.image_size, by_set(args.warmup), by_set(args.steps),
+                        args.threads, args.bf16, by_set(args.ray_steps))  # fmt: skip
     register_narrow()
     load_start = os.getloadavg()
     samples = photos.samples(args.images)

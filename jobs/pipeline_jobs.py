@@ -16,6 +16,7 @@ from typing import Any
 from jobs.train import check_train, run_train
 from jobs.train_config import TrainConfig
 from pipelines.encode import EncodeConfig, run_encode
+from pipelines.export import ExportConfig, run_export
 from pipelines.filter import FilterConfig, run_filter
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.ingest_urls import UrlIngestConfig, ingest_urls
@@ -82,6 +83,9 @@ JOBS: dict[str, Job] = {
                   "apply declarative rules to stored scores; write kept keys and per-rule drop counts"),
     "encode": Job("encode", EncodeConfig, run_encode, True,
                   "effnet/Stage A latents + CLIP-bigG text + CLIP-L image embeddings into Parquet/WebDataset, once"),
+    "export": Job("export", ExportConfig, run_export, False,
+                  "latents as Parquet for third-party models: one folder per bucket, tensors readable by "
+                  "pyarrow, polars, duckdb and HF datasets"),
     "train-c": Job("train-c", TrainConfig, run_train, True,
                    "train Stage C on cached latents with Ray Train (DDP/FSDP), checkpoints in the official layout",
                    ("mode=stage_c",), check_train),
