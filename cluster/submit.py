@@ -61,32 +61,31 @@ def _explicit_address() -> Iterator[None]:
         os.environ.update(saved)
 
 
+def default_token() -> str | None:
+    """``RAY_AUTH_TOKEN``, else the file named by ``RAY_AUTH_TOKEN_PATH``, else None.
+
+    With None, Ray's client still sends ``~/.ray/auth_token`` when this process has ``RAY_AUTH_MODE=token``.
+    """
+    if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return token
+    if path := os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return Path(path).expanduser().read_text().strip() or None
+    return None
+
+
 def connect(address: str, token: str | None = None) -> Any:
-    """A ``JobSubmissionClient`` for ``address`` (token: argument, else ``RAY_AUTH_TOKEN``, else Ray's own).
+    """A ``JobSubmissionClient`` for ``address``, sending ``token`` (default: ``default_token()``).
 
     Raises:
         ClusterError: the address is unreachable or refuses the token.
     """
-    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     url = api_url(address)
-    token = token or os.environ.get("RAY_AUTH_TOKEN")
+    token = token or default_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    try:
-        with _explicit_address():
-            return JobSubmissionClient(url, headers=headers)
-    except AuthenticationError as exc:
-        raise ClusterError(
-            f"the Ray Jobs API at {url} refused the request ({redact_text(str(exc)).splitlines()[0]}); "
-            "set RAY_AUTH_TOKEN to the cluster's token"
-        ) from None
-    except _connection_errors() as exc:
-        raise ClusterError(
-            f"cannot reach the Ray Jobs API at {url} ({type(exc).__name__}): is the head running and its "
-            "dashboard port forwarded (kubectl port-forward svc/<cluster>-head-svc 8265, or "
-            "ray dashboard cluster/launcher.yaml)?"
-        ) from None
+    with _explicit_address():
+        return _call(address, lambda: JobSubmissionClient(url, headers=headers))
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -102,11 +101,23 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 def _call(address: str, fn: Any, *args: Any) -> Any:
-    """``fn(*args)``, with connection failures turned into ``ClusterError`` naming ``address``."""
+    """``fn(*args)``, with unreachable or refusing Jobs APIs turned into ``ClusterError`` naming ``address``."""
+    from ray.exceptions import AuthenticationError
+
+    url = api_url(address)
     try:
         return fn(*args)
+    except AuthenticationError as exc:
+        raise ClusterError(
+            f"the Ray Jobs API at {url} refused the request ({redact_text(str(exc)).splitlines()[0]}); "
+            "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
+        ) from None
     except _connection_errors() as exc:
-        raise ClusterError(f"lost the Ray Jobs API at {api_url(address)}: {type(exc).__name__}") from None
+        raise ClusterError(
+            f"cannot reach the Ray Jobs API at {url} ({type(exc).__name__}): is the head running and its "
+            "dashboard port forwarded (kubectl port-forward svc/<cluster>-head-svc 8265, or "
+            "ray dashboard cluster/launcher.yaml)?"
+        ) from None
 
 
 def job_entrypoint(job: str, overrides: Sequence[str] = ()) -> str:
@@ -219,7 +230,7 @@ def wait(
 
 
 def logs(
-    address: str, submission_id: str, *, follow: bool = False, token: str | None = None,
+    address: str, submission_id: str, follow: bool = False, *, token: str | None = None,
     out: TextIO | None = None,
 ) -> str:  # fmt: skip
     """The job's logs (secrets of this process masked); also written to ``out`` when given.

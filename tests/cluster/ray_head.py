@@ -49,22 +49,23 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def marked_pids(marker: str) -> list[int]:
-    """PIDs of this user's processes whose environment holds ``MARKER_VAR=marker``."""
-    needle = f"{MARKER_VAR}={marker}".encode()
+def marked_pids(marker: str | None) -> list[int]:
+    """PIDs of this user's processes whose environment holds ``MARKER_VAR=marker`` (any marker: None)."""
+    prefix = f"{MARKER_VAR}={marker or ''}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
+            variables = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
+        if any(v == prefix or (marker is None and v.startswith(prefix)) for v in variables):
+            pids.append(int(entry.name))
     return pids
 
 
-def kill_marked(marker: str, grace_s: float = 8.0) -> None:
+def kill_marked(marker: str, grace_s: float = 4.0) -> None:
     """SIGTERM the marked processes, then SIGKILL whatever is still marked after ``grace_s``."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         for pid in marked_pids(marker):

@@ -15,15 +15,22 @@ WIDTHS = {"tiny": 320, "wide": 640, "huge": 1024}
 
 def write_scores(path: Path) -> None:
     """A real scores@1 file (tiny CLIP width 4) with three keys of different widths."""
-    n = len(WIDTHS)
-    f32 = np.float32
-    table = pa.table({
-        "key": list(WIDTHS), "source": ["s0"] * n, "width": pa.array(list(WIDTHS.values()), pa.int32()),
-        "height": pa.array([300] * n, pa.int32()), "aspect_ratio": pa.array([w / 300 for w in WIDTHS.values()], pa.float32()),
-        "caption_length": pa.array([10] * n, pa.int32()), "aesthetic_score": pa.array([5.0] * n, pa.float32()),
-        "clip_similarity": pa.array([0.3] * n, pa.float32()),
-        "clip_image_embeds": nested_list_array(np.ones((n, 4), f32), "float32"),
-        "watermark_probability": pa.array([None] * n, pa.float32()), "nsfw_probability": pa.array([None] * n, pa.float32()),
-    })  # fmt: skip
+    n, widths = len(WIDTHS), list(WIDTHS.values())
+    f32, i32 = pa.float32(), pa.int32()
+    table = pa.table(
+        {
+            "key": list(WIDTHS),
+            "source": ["s0"] * n,
+            "width": pa.array(widths, i32),
+            "height": pa.array([300] * n, i32),
+            "aspect_ratio": pa.array([w / 300 for w in widths], f32),
+            "caption_length": pa.array([10] * n, i32),
+            "aesthetic_score": pa.array([5.0] * n, f32),
+            "clip_similarity": pa.array([0.3] * n, f32),
+            "clip_image_embeds": nested_list_array(np.ones((n, 4), np.float32), "float32"),
+            "watermark_probability": pa.array([None] * n, f32),
+            "nsfw_probability": pa.array([None] * n, f32),
+        }
+    )
     path.parent.mkdir(parents=True)
     pq.write_table(attach_metadata(table, scores_schema(4)), path)
