@@ -26,34 +26,13 @@ from pathlib import Path
 
 import photos  # benchmarks/photos.py (scripts run from this folder)
 import torch
+from weights import save_random_weights  # benchmarks/weights.py
 
 SIZES = {
     "tiny": {"effnet": "effnet/tiny", "clip_image": "clip_vision/tiny", "clip_text": "clip_text/tiny"},
     "mixed": {"effnet": "effnet", "clip_image": "clip_vision/l14", "clip_text": "clip_text/tiny"},
     "real": {"effnet": "effnet", "clip_image": "clip_vision/l14", "clip_text": "clip_text/bigg"},
 }
-
-
-def _save_weights(flavors: dict[str, str], root: Path) -> dict[str, str | None]:
-    """Random released-size weights in the official layouts (safetensors file / HF folder)."""
-    from stages.flavors import get_flavor
-    from stages.weights import save_weights
-
-    paths: dict[str, str | None] = {}
-    for role, name in flavors.items():
-        flavor = get_flavor(name)
-        if flavor.tiny:
-            paths[role] = None
-            continue
-        model = flavor.build()
-        if flavor.family in ("clip_text", "clip_vision"):
-            model.model.save_pretrained(root / role, safe_serialization=True)
-        else:
-            save_weights(model.state_dict(), root / f"{role}.safetensors")
-        paths[role] = (
-            str(root / role) if flavor.family.startswith("clip") else str(root / f"{role}.safetensors")
-        )
-    return paths
 
 
 def bare_seconds_per_sample(flavors: dict[str, str], samples, batch: int, threads: int) -> dict[str, float]:
@@ -172,7 +151,7 @@ def main() -> None:
         for suffix in (".tar", ".parquet"):
             shutil.copy(root / "shards" / f"00000{suffix}", root / "shards2" / f"00000{suffix}")
             shutil.copy(root / "shards" / f"00000{suffix}", root / "shards2" / f"00001{suffix}")
-        weights = _save_weights(flavors, root)
+        weights = save_random_weights(flavors, root)
         bare = bare_seconds_per_sample(flavors, samples, args.batch, threads=1)
         bare_all = bare_seconds_per_sample(flavors, samples, args.batch, threads=os.cpu_count() or 1)
         rate, detail = pipeline(flavors, weights, root, args.batch)

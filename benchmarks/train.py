@@ -17,19 +17,22 @@ Then one fresh process per set, with ``--threads`` torch threads for everything,
    and running each on the full batch (an upper bound: officially CLIP-L sees ~10% of it), before Stage C
    exists; the encoders' weight bytes are reported beside it;
 2. encoder cost per sample (what caching removes from the training node): each encoder timed on the full
-   batch (median of 3 passes), wall and process CPU seconds (all threads), combined at the official
+   batch (best of 3 passes), wall and process CPU seconds (all threads), combined at the official
    fractions (effnet and CLIP-bigG text on every sample, CLIP-L vision on 10%); also their GFLOP and the
    decode + crop seconds per sample (official: in DataLoader workers; also gone with the cache);
 3. step times, the two paths interleaved step by step (after ``--warmup`` steps of each) so that load
    changes (other jobs on the machine) hit both alike, on one ``TrainLoop`` (same model, AdamW, gradient
-   clipping, loss); the medians over ``--steps`` steps are compared (means and every step are kept too):
+   clipping, loss). Step seconds are medians over the ``--steps`` timed steps; the speed-up is the median
+   of the per-step ratios (on-the-fly step i over the cached step i just before it, so a burst of other
+   jobs on a shared machine hits both sides of a ratio); process-CPU ratios, the ratio of the fastest
+   steps and every step time are kept too:
    - cached: ``loop.micro_loss`` on a micro-batch from ``window_micro_batches`` + backward + AdamW step,
      with the tensors in memory; the cache read (all windows read once, per micro-batch) is added for
      ``cached_step_with_read_s``;
    - on the fly (official ``train_c``): effnet on the full batch of crops (ImageNet-normalised inside
      ``encode``), CLIP-bigG text on the full batch of captions with 5% replaced by "", CLIP-L vision on the
      samples drawn with probability 10%, all under no_grad; then ``stage_c_loss`` + backward + AdamW step.
-   The speed-up is ``on_the_fly_step_s / cached_step_with_read_s``.
+   The speed-up is on-the-fly step / (cached step + cache read).
 
 Finally ``run_train`` (a real Ray Train run: 1 worker, Ray Data reading the cache) trains ``--ray-steps``
 steps; its metrics rows give the data-wait fraction and samples/s (the first row, which includes start-up,
@@ -67,6 +70,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import photos  # noqa: E402  (benchmarks/photos.py)
 import torch  # noqa: E402
+from weights import save_random_weights  # noqa: E402  (benchmarks/weights.py)
 
 NARROW = "stage_c/1b-narrow"
 SIZES: dict[str, dict[str, str]] = {
@@ -100,28 +104,6 @@ class Settings:
 
 
 # --- the cache ----------------------------------------------------------------------------------------------
-def _save_weights(flavors: dict[str, str], root: Path) -> dict[str, str | None]:
-    """Random released-size encoder weights in the official layouts, so the encode job loads real files."""
-    from stages.flavors import get_flavor
-    from stages.weights import save_weights
-
-    paths: dict[str, str | None] = {}
-    for role in ENCODERS:
-        flavor = get_flavor(flavors[role])
-        if flavor.tiny:
-            paths[role] = None
-            continue
-        model = flavor.build()
-        if flavor.family in ("clip_text", "clip_vision"):
-            model.model.save_pretrained(root / role, safe_serialization=True)
-            paths[role] = str(root / role)
-        else:
-            save_weights(model.state_dict(), root / f"{role}.safetensors")
-            paths[role] = str(root / f"{role}.safetensors")
-        del model
-    return paths
-
-
 def build_cache(root: Path, flavors: dict[str, str], samples: list, image_size_px: int, batch: int) -> Path:
     """Ingest the photos and encode them with the set's encoders (Ray must be up); returns the cache."""
     from pipelines.encode import EncodeConfig, run_encode
@@ -134,7 +116,7 @@ def build_cache(root: Path, flavors: dict[str, str], samples: list, image_size_p
     photos.write_tar(root / "src" / "00000.tar", samples)
     run_ingest(IngestConfig(source=SourceConfig(kind="webdataset", path=str(root / "src")),
                             output_dir=str(root / "shards")))  # fmt: skip
-    weights = _save_weights(flavors, root / "weights")
+    weights = save_random_weights({r: flavors[r] for r in ENCODERS}, root / "weights")
     encoders = {role: EncoderConfig(flavor=flavors[role], weights=weights[role], batch_size=batch)
                 for role in ENCODERS}  # fmt: skip
     run_encode(
@@ -194,10 +176,10 @@ def _optimizer_step(loop: Any, loss: torch.Tensor) -> None:
     loop.optimizer.zero_grad(set_to_none=True)
 
 
-def cached_step(loop: Any, batch: dict[str, Any]) -> float:
-    with Clock() as clock:
+def cached_step(loop: Any, batch: dict[str, Any]) -> dict[str, float]:
+    with Clock() as step:
         _optimizer_step(loop, loop.micro_loss(batch).loss)
-    return clock.wall
+    return {"step_s": step.wall, "step_cpu_s": step.cpu}
 
 
 def on_the_fly_step(
@@ -222,12 +204,8 @@ def on_the_fly_step(
         autocast = torch.bfloat16 if loop.config.bf16_autocast else None
         out = stage_c_loss(loop.model, loop.gdf, latents, conditions, autocast_dtype=autocast)
         _optimizer_step(loop, out.loss)
-    return {
-        "step_s": step.wall,
-        "encoder_s": enc.wall,
-        "encoder_cpu_s": enc.cpu,
-        "clip_images": int(use_img.sum()),
-    }
+    return {"step_s": step.wall, "step_cpu_s": step.cpu, "encoder_s": enc.wall, "encoder_cpu_s": enc.cpu,
+            "clip_images": int(use_img.sum())}  # fmt: skip
 
 
 def _encoder_pass(
@@ -300,12 +278,12 @@ def measure(size: str, cache: str, samples: list, settings: Settings, queue: Any
     weights_mib = sum(p.numel() * p.element_size() for m in encoders.values() for p in m.parameters()) / 2**20
     _encoder_pass(encoders, *batches[0])  # also the warm-up of every encoder
     encoder_peak = _status_mib("VmHWM") - baseline
-    # 2. encoder cost per sample (full batch each, after the warm-up; median of 3 passes)
+    # 2. encoder cost per sample (full batch each, after the warm-up; best of 3 passes)
     passes = [_encoder_pass(encoders, *batches[0]) for _ in range(3)]
     share = {"effnet": 1.0, "clip_text": 1.0, "clip_image": CLIP_IMG_PROBABILITY}
     gflops = _encoder_gflops(encoders, *batches[0])
-    per_sample = {role: {"s": statistics.median(p[role].wall for p in passes) / b,
-                         "cpu_s": statistics.median(p[role].cpu for p in passes) / b, "gflop": gflops[role]}
+    per_sample = {role: {"s": min(p[role].wall for p in passes) / b,
+                         "cpu_s": min(p[role].cpu for p in passes) / b, "gflop": gflops[role]}
                   for role in ENCODERS}  # fmt: skip
 
     # 3. step times on one TrainLoop, the two paths interleaved
@@ -317,27 +295,31 @@ def measure(size: str, cache: str, samples: list, settings: Settings, queue: Any
             cached = [mb for window in plan.windows for mb in window_micro_batches(window, spec)]
         loop = TrainLoop(config, World(), plan.cache.empty_caption)
     rng = np.random.default_rng(config.seed)
-    cached_s, fly = [], []
+    timed: dict[str, list[dict[str, float]]] = {"cached": [], "on_the_fly": []}
     for i in range(warmup + steps):
         pixels, caps = batches[i % len(batches)]
-        c_s, f = cached_step(loop, cached[i]), on_the_fly_step(loop, encoders, pixels, caps, rng)
+        c_step, f_step = cached_step(loop, cached[i]), on_the_fly_step(loop, encoders, pixels, caps, rng)
         if i >= warmup:
-            cached_s.append(c_s)
-            fly.append(f)
-    read_per_step = read.wall / len(cached)
-    cached_med = statistics.median(cached_s)
-    fly_s = [f["step_s"] for f in fly]
-    fly_med = statistics.median(fly_s)
-    n = steps * b
+            timed["cached"].append(c_step)
+            timed["on_the_fly"].append(f_step)
+    read_s, read_cpu_s = read.wall / len(cached), read.cpu / len(cached)
+    stat = {path: {f"{key}_{name}": fn(r[key] for r in rows) for key in ("step_s", "step_cpu_s")
+                   for name, fn in (("min", min), ("median", statistics.median))}
+            for path, rows in timed.items()}  # fmt: skip
+    pairs = list(zip(timed["cached"], timed["on_the_fly"], strict=True))
+    speedup = statistics.median(f["step_s"] / (c["step_s"] + read_s) for c, f in pairs)
+    cached_s, fly_s = stat["cached"]["step_s_median"], stat["on_the_fly"]["step_s_median"]
+    fly, n = timed["on_the_fly"], steps * b
     queue.put({
         "flavors": flavors, "stage_c_params": sum(p.numel() for p in loop.module.parameters()),
-        "cached_step_s": cached_med, "cache_read_s_per_step": read_per_step,
-        "cached_step_with_read_s": cached_med + read_per_step, "on_the_fly_step_s": fly_med,
-        "speedup_on_the_fly_over_cached": fly_med / (cached_med + read_per_step),
-        "ratio_cached_over_on_the_fly": (cached_med + read_per_step) / fly_med,
-        "speedup_vs_cached_in_memory": fly_med / cached_med,
-        "cached_step_s_mean": statistics.mean(cached_s), "on_the_fly_step_s_mean": statistics.mean(fly_s),
-        "on_the_fly_encoder_s_per_step": statistics.median(f["encoder_s"] for f in fly),
+        "cached_step_s": cached_s, "cache_read_s_per_step": read_s, "cached_step_with_read_s": cached_s + read_s,
+        "on_the_fly_step_s": fly_s, "speedup_on_the_fly_over_cached": speedup,
+        "ratio_cached_over_on_the_fly": 1 / speedup,
+        "speedup_vs_cached_in_memory": statistics.median(f["step_s"] / c["step_s"] for c, f in pairs),
+        "speedup_of_fastest_steps": stat["on_the_fly"]["step_s_min"] / (stat["cached"]["step_s_min"] + read_s),
+        "speedup_cpu_s": statistics.median(f["step_cpu_s"] / (c["step_cpu_s"] + read_cpu_s) for c, f in pairs),
+        "step_statistics": stat,
+        "on_the_fly_encoder_s_per_step_min": min(f["encoder_s"] for f in fly),
         "on_the_fly_encoder_s_per_sample_measured": sum(f["encoder_s"] for f in fly) / n,
         "on_the_fly_encoder_cpu_s_per_sample_measured": sum(f["encoder_cpu_s"] for f in fly) / n,
         "on_the_fly_clip_image_fraction": sum(f["clip_images"] for f in fly) / n,
@@ -347,7 +329,7 @@ def measure(size: str, cache: str, samples: list, settings: Settings, queue: Any
         "encoder_per_sample_by_model": per_sample, "encoder_share_of_samples": share,
         "decode_crop_s_per_sample": decode.wall / len(samples),
         "encoder_peak_mib": encoder_peak, "encoder_weights_mib": weights_mib,
-        "step_times": {"cached_s": cached_s, "on_the_fly_s": fly_s},
+        "step_times": {path: [r["step_s"] for r in rows] for path, rows in timed.items()},
         "steps_per_window": len(cached) / len(plan.windows),
     })  # fmt: skip
 
@@ -394,7 +376,7 @@ def _ray_init(**kwargs: Any) -> None:
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| set | Stage C | cached step s | on-the-fly step s | speed-up | encoder s/sample (CPU s) "
+        "| set | Stage C | cached step s | on-the-fly step s | speed-up (CPU s) | encoder s/sample (CPU s) "
         "| encoder peak MiB | Ray data wait | Ray samples/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -402,7 +384,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         ray = r["ray_train"]
         lines.append(
             f"| {size} | {r['flavors']['stage_c']} | {r['cached_step_with_read_s']:.3f} | "
-            f"{r['on_the_fly_step_s']:.3f} | {r['speedup_on_the_fly_over_cached']:.2f}× | "
+            f"{r['on_the_fly_step_s']:.3f} | {r['speedup_on_the_fly_over_cached']:.2f}× ({r['speedup_cpu_s']:.2f}×) | "
             f"{r['encoder_s_per_sample']:.3f} ({r['encoder_cpu_s_per_sample']:.3f}) | "
             f"{r['encoder_peak_mib']:.0f} | {ray['data_wait_fraction']:.1%} | {ray['samples_per_s']:.2f} |"
         )
@@ -437,8 +419,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=768, help="center-crop side (official: 768)")
     per_set = {"nargs": 2, "metavar": ("TINY", "NARROW")}
-    parser.add_argument("--warmup", type=int, default=[10, 3], help="untimed steps per set", **per_set)
-    parser.add_argument("--steps", type=int, default=[20, 5], help="timed steps per set", **per_set)
+    parser.add_argument("--warmup", type=int, default=[10, 2], help="untimed steps per set", **per_set)
+    parser.add_argument("--steps", type=int, default=[20, 8], help="timed steps per set", **per_set)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of both paths")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the Stage C forward")
     parser.add_argument("--ray-steps", type=int, default=[60, 10], help="Ray Train steps per set", **per_set)
@@ -470,10 +452,8 @@ def main() -> None:
         ray.shutdown()
         for size in args.sizes:
             results[size] = in_fresh_process(size, caches[size], samples, settings)
-            print(
-                f"{size}: {json.dumps({k: v for k, v in results[size].items() if k.endswith('_s')})}",
-                flush=True,
-            )
+            shown = ("cached_step_with_read_s", "on_the_fly_step_s", "speedup_on_the_fly_over_cached")
+            print(f"{size}: {json.dumps({k: results[size][k] for k in shown})}", flush=True)
         _ray_init(runtime_env={"worker_process_setup_hook": register_narrow})
         for size in args.sizes:
             results[size]["ray_train"] = ray_train(caches[size], root / size / "runs", SIZES[size]["stage_c"],
