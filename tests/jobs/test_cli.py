@@ -44,6 +44,9 @@ def test_train_help_lists_the_config_fields_with_defaults(capsys) -> None:
 
 
 def test_train_bad_config_exits_2_naming_the_field_before_ray(tmp_path, capsys) -> None:
+    import time
+
+    started = time.perf_counter()
     code = main(["train-c", "--set", f"data.path={tmp_path}", "--set", f"output_dir={tmp_path / 'out'}",
                  "--set", "flavor=stage_c/2b"])  # fmt: skip
     assert code == 2
@@ -51,9 +54,9 @@ def test_train_bad_config_exits_2_naming_the_field_before_ray(tmp_path, capsys) 
     code = main(["train-c", "--set", f"data.path={tmp_path}", "--set", f"output_dir={tmp_path / 'out'}"])
     assert code == 2
     assert "data.path: no *.parquet latent files" in capsys.readouterr().err
-    import ray
-
-    assert not ray.is_initialized()
+    assert time.perf_counter() - started < 5, (
+        "the checks ran before Ray starts (ray.init alone takes seconds)"
+    )
     # the job's mode is fixed: train-lora trains a LoRA whatever the YAML says
     from jobs.config import load_config
     from jobs.pipeline_jobs import JOBS
