@@ -12,7 +12,6 @@ resumes from the newest one exactly (same batches, same random draws).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -257,7 +256,3 @@ def run_train(config: TrainConfig) -> TrainSummary:
     final = (result.metrics or {}).get("step", plan.start_step)
     return TrainSummary(config.run_dir, config.mode, plan.start_step, final, checkpoint, metrics_csv,
                         dict(result.metrics or {}))  # fmt: skip
-
-
-def summary_dict(summary: TrainSummary) -> dict[str, Any]:
-    return dataclasses.asdict(summary)

@@ -106,6 +106,7 @@ class TrainLoop:
         self.ema = self._ema_copy()
         self.step = 0
         self.metrics: MetricsLog | None = None
+        self._previewer: nn.Module | None = None
         self.control_effnet = self._control_effnet()
         checkpoint = read_checkpoint(world.resume_dir) if world.resume_dir is not None else None
         if checkpoint is not None:  # weights before sharding, the optimizer after (FSDP replaces parameters)
@@ -146,8 +147,7 @@ class TrainLoop:
     def _ema_copy(self) -> nn.Module | None:
         if self.config.ema is None:
             return None
-        ema = copy.deepcopy(self.module).eval().requires_grad_(False)
-        return ema
+        return copy.deepcopy(self.module).eval().requires_grad_(False)
 
     def _control_effnet(self) -> nn.Module | None:
         cn = self.config.controlnet
@@ -340,7 +340,9 @@ class TrainLoop:
         from PIL import Image
 
         cfg = self.config.preview
-        previewer, _ = build_model(cfg.previewer, weights=cfg.previewer_weights, device=self.device)
+        if self._previewer is None:  # built once, at the first preview
+            self._previewer = build_model(cfg.previewer, weights=cfg.previewer_weights, device=self.device)[0]
+        previewer = self._previewer
         n = min(cfg.samples, len(batch[c.EFFNET]))
         cond = {
             c.CLIP_TEXT: self._tensor(batch, c.CLIP_TEXT)[:n],

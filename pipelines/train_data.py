@@ -101,9 +101,6 @@ class Cache:
         shapes = {name: spec.shape for name, spec in self.metadata.tensor_shapes.items()}
         return shapes | {c.EFFNET: shapes[c.EFFNET][:1]}
 
-    def rows_per_bucket(self) -> dict[str, int]:
-        return dict(sorted(_rows_by_bucket(self.files).items()))
-
 
 def open_cache(config: TrainDataConfig, *, max_workers: int = 16) -> Cache:
     """List and check every file of the cache (footers/headers only) and load the empty caption.
@@ -312,7 +309,7 @@ def window_micro_batches(plan: WindowPlan, spec: ReadSpec) -> Iterator[MicroBatc
             for a in range(spec.accum):
                 micro = spec.rank * spec.accum + a
                 mine.append((plan.first_step + offset, micro, refs[micro * m : (micro + 1) * m]))
-    crops = _crops(tables, files, [r for *_, rows in mine for r in rows], spec.crops) if spec.crops else None
+    crops = _crops(tables, [r for *_, rows in mine for r in rows], spec.crops) if spec.crops else None
     for n, (step, micro, rows) in enumerate(mine):
         out: MicroBatch = {"step": step, "micro": micro}
         for name in [c.KEY, *CONDITION_COLUMNS]:
@@ -323,7 +320,7 @@ def window_micro_batches(plan: WindowPlan, spec: ReadSpec) -> Iterator[MicroBatc
         yield out
 
 
-def _crops(tables: list, files: list[CacheFile], rows: list, spec: CropSpec) -> list[np.ndarray]:
+def _crops(tables: list, rows: list, spec: CropSpec) -> list[np.ndarray]:
     samples = []
     for i, r in rows:
         _, h, w = tables[i][c.EFFNET][r].shape

@@ -260,7 +260,7 @@ def test_controlnet_trains_only_its_parameters(cache, trained_generator, tmp_pat
         k for k, v in initial.state_dict().items() if v.is_floating_point() and not torch.equal(v, state[k])
     ]
     assert any(k.startswith("projections.") for k in changed), "the zero-init projections moved"
-    assert trained is not None
+    assert all(torch.equal(trained.state_dict()[k], v) for k, v in state.items()), "reloads exactly"
 
 
 def test_bad_configs_fail_before_any_worker_with_the_field_named(cache, tmp_path) -> None:
