@@ -20,6 +20,7 @@ from pipelines.export import ExportConfig, run_export
 from pipelines.filter import FilterConfig, run_filter
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.ingest_urls import UrlIngestConfig, ingest_urls
+from pipelines.report import ReportConfig, run_report
 from pipelines.score import ScoreConfig, run_score
 
 
@@ -86,6 +87,8 @@ JOBS: dict[str, Job] = {
     "export": Job("export", ExportConfig, run_export, False,
                   "latents as Parquet for third-party models: one folder per bucket, tensors readable by "
                   "pyarrow, polars, duckdb and HF datasets"),
+    "report": Job("report", ReportConfig, run_report, True,
+                  "reconstruct a sample of a cache or of raw images through Stage B + A: PSNR/SSIM/LPIPS, JSON + HTML"),
     "train-c": Job("train-c", TrainConfig, run_train, True,
                    "train Stage C on cached latents with Ray Train (DDP/FSDP), checkpoints in the official layout",
                    ("mode=stage_c",), check_train),

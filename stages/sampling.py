@@ -141,14 +141,36 @@ def sample_stage_b(
 ) -> torch.Tensor:
     """Stage A latents (B,4,H/4,W/4) from Stage C latents; the unconditional effnet is zeros."""
     _, pooled = models.text(list(captions))
-    device = models.device
-    cond = {"effnet": effnet_latents.to(device), "clip": pooled.to(device)}
-    uncond = {"effnet": torch.zeros_like(cond["effnet"]), "clip": pooled.to(device)}
-    shape = (effnet_latents.size(0), models.stage_b.config.c_in, *size_hw)
+    return stage_b_latents(
+        models.stage_b, effnet_latents, pooled, size_hw, gdf=models.gdf, settings=settings, seed=seed
+    )
+
+
+def stage_b_latents(
+    stage_b: StageB,
+    effnet_latents: torch.Tensor,
+    pooled: torch.Tensor,
+    size_hw: tuple[int, int],
+    *,
+    gdf: GDF | None = None,
+    settings: SamplerSettings = STAGE_B,
+    seed: int = 42,
+) -> torch.Tensor:
+    """Stage B sampling from effnet latents and pooled CLIP-bigG text embeddings (B,1,1280), e.g. a cache's."""
+    device = next(stage_b.parameters()).device
+    pooled = pooled.reshape(pooled.size(0), 1, -1).to(device)
+    cond = {"effnet": effnet_latents.to(device), "clip": pooled}
+    uncond = {"effnet": torch.zeros_like(cond["effnet"]), "clip": pooled}
+    shape = (effnet_latents.size(0), stage_b.config.c_in, *size_hw)
     generator = torch.Generator(device=device).manual_seed(seed)
     return _last_x0(
-        models.gdf, models.stage_b, cond, uncond, shape, settings, generator=generator, device=device
+        gdf or stage_gdf(), stage_b, cond, uncond, shape, settings, generator=generator, device=device
     )
+
+
+def stage_b_size(effnet_hw: Sequence[int]) -> tuple[int, int]:
+    """Stage B's latent size for an effnet latent: 4/3 of the encoded pixel size (768 px → 24 → 256), /4, even."""
+    return tuple(2 * round(s * 32 * 4 / 3 / B_COMPRESSION / 2) for s in effnet_hw)
 
 
 def decode(models: CascadeModels, stage_a_latents: torch.Tensor) -> torch.Tensor:
@@ -210,9 +232,8 @@ def image_to_image(
     generator = torch.Generator(device=device).manual_seed(seed)
     t = torch.full((latents.size(0),), strength, device=device)
     x_init = models.gdf.diffuse(latents, t=t, generator=generator).noised
-    # Stage C works at the effnet latent's size; Stage B decodes at 4/3 of the encoded pixel size
-    # (768 px → 24 → 256), rounded to even for Stage B's patch size of 2.
-    size_b = tuple(2 * round(s * 32 * 4 / 3 / B_COMPRESSION / 2) for s in latents.shape[-2:])
+    # Stage C works at the effnet latent's size; Stage B decodes at 4/3 of the encoded pixel size.
+    size_b = stage_b_size(latents.shape[-2:])
     latents_c = sample_stage_c(
         models, captions, latents.shape[-2:], settings=stage_c, seed=seed, t_start=strength, x_init=x_init
     )
