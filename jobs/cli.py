@@ -42,6 +42,13 @@ def _cmd_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from jobs.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(output_dir=args.output, weights=args.weights, train_steps=args.steps), args.address)
+    return 0
+
+
 def _job_epilog(name: str) -> str:
     from jobs.config import describe
     from jobs.pipeline_jobs import JOBS
@@ -80,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("doctor", "print versions, flavors, the Ray status and whether CUDA is present", _cmd_doctor),
         ("flavors", "list every model flavor with its exact parameter count (meta device)", _cmd_flavors),
+        (
+            "demo",
+            "ingest → score → filter → encode → train-c → export → report on bundled CC0 photos",
+            _cmd_demo,
+        ),
     ]
     for name, help_text, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -88,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-ray", action="store_true", help="skip starting a local Ray to check it")
         if name == "flavors":
             p.add_argument("--family", default=None, help="only this family, e.g. stage_c or controlnet")
+        if name == "demo":
+            p.add_argument("--output", default="cascade-demo", help="output folder (default: ./cascade-demo)")
+            p.add_argument("--weights", default=None, metavar="DIR",
+                           help="released checkpoints under their official file names (default: tiny flavors, "
+                           "seeded random weights)")  # fmt: skip
+            p.add_argument("--steps", type=int, default=30, help="Stage C training steps (default: 30)")
+            p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     return parser
 
 

@@ -1,7 +1,7 @@
 """``cascade report``: how well Stage B + Stage A reconstruct a sample of a latent cache or of raw images.
 
-The driver draws a seeded sample (spread over shards/files, at most ``ceil(num_samples / files)`` rows from
-each), then Ray Data runs the steps: for a cache, the original crop is re-read from the sample's source shard
+The driver draws a seeded sample spread over the shards/files (in a seeded order, each gives its even share
+of the samples still wanted), then Ray Data runs the steps: for a cache, the original crop is re-read from the sample's source shard
 (``CacheCrops``); for raw images, the encode job's own preprocess, effnet and CLIP-bigG steps make the latent
 in memory. ``Reconstruct`` then samples Stage B, decodes with Stage A and measures PSNR, SSIM and LPIPS at the
 crop. The output folder gets ``images/``, ``report.json`` (every number) and ``report.html`` (grids,
@@ -119,8 +119,10 @@ def _version(flavor: str, sha256: str | None) -> str:
     return f"{flavor}@{(sha256 or 'random')[:12]}"
 
 
-def _spread(n_sources: int, n: int) -> int:
-    return max(1, math.ceil(n / max(n_sources, 1)))
+def _share(wanted: int, taken: int, sources_left: int) -> int:
+    """Rows to take from the next source: the rest spread evenly over the sources left (small ones give less,
+    later ones make up for it)."""
+    return max(0, math.ceil((wanted - taken) / max(sources_left, 1)))
 
 
 def sample_cache(config: ReportConfig) -> list[dict[str, Any]]:
@@ -130,9 +132,10 @@ def sample_cache(config: ReportConfig) -> list[dict[str, Any]]:
     options = config.input_options()
     files = list_latent_files(config.latents, config.latents_format, options)
     rng = np.random.default_rng(config.seed)
-    per_file, rows = _spread(len(files), config.num_samples), []
+    rows: list[dict[str, Any]] = []
     wanted = [c.KEY, c.CAPTION, c.SOURCE_SHARD, c.BUCKET, c.EFFNET, c.CLIP_TEXT_POOLED]
-    for index in rng.permutation(len(files)):
+    for position, index in enumerate(rng.permutation(len(files))):
+        per_file = _share(config.num_samples, len(rows), len(files) - position)
         meta, n = file_info(files[index], config.latents_format, storage_options=options)
         version = _version(meta.encoder_flavors.get("effnet", "?"), meta.weights_sha256.get("effnet"))
         table = read_latent_table(
@@ -157,9 +160,9 @@ def sample_images(config: ReportConfig) -> list[dict[str, Any]]:
         config.effnet.flavor, weights_fingerprint(config.effnet) if config.effnet.weights else None
     )
     rng = np.random.default_rng(config.seed)
-    per_shard, rows = _spread(len(shards), config.num_samples), []
-    for index in rng.permutation(len(shards)):
-        shard = shards[index]
+    rows: list[dict[str, Any]] = []
+    for position, index in enumerate(rng.permutation(len(shards))):
+        shard, per_shard = shards[index], _share(config.num_samples, len(rows), len(shards) - position)
         kept: list[dict[str, Any]] = []
         for seen, row in enumerate(_rows(read_shard(config.images, shard))):
             if seen < per_shard:
