@@ -71,7 +71,9 @@ def test_lpips_backbone_loads_from_safetensors_only(tmp_path) -> None:
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(path))
     model = build_lpips(LpipsConfig(backbone_weights=str(path)))
     torch.testing.assert_close(model.net.slice1[0].weight, backbone.features[0].weight, rtol=0, atol=0)
-    torch.testing.assert_close(getattr(model.net.slice5, "10").bias, backbone.features[10].bias, rtol=0, atol=0)
+    torch.testing.assert_close(
+        getattr(model.net.slice5, "10").bias, backbone.features[10].bias, rtol=0, atol=0
+    )
     a = torch.rand(2, 3, 64, 64)
     metrics = ImageMetrics(LpipsConfig(backbone_weights=str(path)))
     assert metrics.lpips_skipped is None
