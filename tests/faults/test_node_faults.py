@@ -1,0 +1,59 @@
+"""Faults on a 3-node Ray cluster: a worker node dies mid-job, and the job still writes every key exactly once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.latents_reader import list_latent_files
+from pipelines.shards import members_tar_bytes
+from tests.conftest import REPO_ROOT
+from tests.pipelines.photos import PHOTOS, captions, jpeg
+
+N_SHARDS = 8
+
+
+def image_shards(root: Path) -> set[str]:
+    """N_SHARDS WebDataset shards of the real photos, every key unique across shards."""
+    root.mkdir()
+    keys = set()
+    for s in range(N_SHARDS):
+        members = [(f"s{s}_{name}", {"jpg": jpeg(name), "txt": captions()[name].encode()}) for name in PHOTOS]
+        (root / f"{s:05d}.tar").write_bytes(members_tar_bytes(members))
+        keys |= {key for key, _ in members}
+    return keys
+
+
+def run_with_node_kill(job: str, shards: Path, out: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "tests.faults.node_kill", job, str(shards), str(out)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=420, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["killed_at"] is not None and report["killed_at"] < report["finished_at"], report
+    assert report["alive"] == 2
+    return report
+
+
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("job", ["encode", "score"])
+def test_worker_node_killed_mid_job_every_key_once(job, tmp_path) -> None:
+    keys = image_shards(tmp_path / "shards")
+    out = tmp_path / job
+    run_with_node_kill(job, tmp_path / "shards", out)
+    if job == "encode":
+        files = list_latent_files(str(out), "parquet")
+        written = [k for f in files for k in pq.read_table(f, columns=["key"])["key"].to_pylist()]
+        assert json.loads((out / "manifest.json").read_text())["summary"]["n_encoded"] == len(keys)
+    else:
+        written = [
+            k
+            for f in sorted(out.glob("part-*.parquet"))
+            for k in pq.read_table(f, columns=["key"])["key"].to_pylist()
+        ]
+    assert len(written) == len(set(written)), "a key was written twice"
+    assert set(written) == keys
