@@ -3,7 +3,7 @@
 python -m tests.faults.node_kill {encode|score} SHARDS_DIR OUT_DIR
 
 The head has 1 CPU, the two workers 2 each. A watcher removes the first worker once the job is under way
-(encode: its first shard committed; score: its first scores part written, or 4 s), and prints a JSON line
+(encode: its first part staged; score: its first scores part written, or 4 s), and prints a JSON line
 with the kill time, the job's end time and the nodes alive afterwards.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 
 def _started(job: str, out: Path) -> bool:
-    if job == "encode":
-        return any((out / "_commits").glob("*.json"))
+    if job == "encode":  # the first parts are staged: the models are running, nothing is committed yet
+        return any(p.is_file() for p in (out / "_staging").rglob("*"))
     return any(out.glob("part-*.parquet"))
 
 
@@ -46,6 +46,9 @@ def main(job: str, shards: str, out: str) -> None:
             start = time.monotonic()
             while not _started(job, Path(out)) and time.monotonic() - start < (60 if job == "encode" else 4):
                 time.sleep(0.05)
+            killed["done_before"] = len(
+                list(Path(out).glob("_commits/*.json" if job == "encode" else "part-*"))
+            )
             cluster.remove_node(victim, allow_graceful=False)
             killed["at"] = time.time()
 
@@ -60,8 +63,10 @@ def main(job: str, shards: str, out: str) -> None:
             )
         finished = time.time()
         watcher.join(timeout=60)
-        alive = len([n for n in ray.nodes() if n["Alive"]])
-        print(json.dumps({"killed_at": killed.get("at"), "finished_at": finished, "alive": alive,
+        deadline = time.monotonic() + 60  # the GCS marks the killed node dead after its health checks fail
+        while (alive := len([n for n in ray.nodes() if n["Alive"]])) > 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        print("NODE_KILL_RESULT", json.dumps({"killed_at": killed.get("at"), "finished_at": finished, "alive": alive, "done_before": killed.get("done_before"),
                           "summary": str(summary)}))  # fmt: skip
     finally:
         ray.shutdown()
