@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -184,6 +185,68 @@ def test_kill_and_resume_repeats_the_uninterrupted_trajectory(cache, one_worker_
     w_resumed, _, _ = read_checkpoint(run_dir / "checkpoint_00000016")
     w_ref, _, _ = read_checkpoint(one.checkpoint)
     assert all(torch.allclose(w_resumed["generator"][k], v, atol=1e-6) for k, v in w_ref["generator"].items())
+
+
+def test_a_killed_train_worker_restarts_from_its_checkpoint(cache, one_worker_run, tmp_path) -> None:
+    """SIGKILL the Ray Train worker after its first checkpoint: FailureConfig restarts the worker group, which
+    resumes from that checkpoint, finishes, and repeats the uninterrupted run's losses and weights."""
+    one_config, one = one_worker_run
+    config = dataclasses.replace(one_config, output_dir=str(tmp_path),
+                                 scaling=dataclasses.replace(HALF_CPU, max_failures=1))  # fmt: skip
+    run_dir, killed = tmp_path / "stage_c", {}
+
+    def kill_worker_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 240
+        while not list(run_dir.glob("checkpoint_*/trainer_state.json")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        killed["checkpoints"] = sorted(p.parent.name for p in run_dir.glob("checkpoint_*/trainer_state.json"))
+        killed["pids"] = _train_worker_pids()
+        for pid in killed["pids"]:
+            os.kill(pid, signal.SIGKILL)
+
+    watcher = threading.Thread(target=kill_worker_after_first_checkpoint, daemon=True)
+    watcher.start()
+    summary = run_train(config)
+    watcher.join(timeout=60)
+    assert len(killed["pids"]) == 1 and killed["checkpoints"][0] in (
+        "checkpoint_00000004",
+        "checkpoint_00000008",
+    )
+    assert "checkpoint_00000016" not in killed["checkpoints"], "the run finished before its worker was killed"
+    assert summary.final_step == 16
+    for pid in killed["pids"]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    losses = [r["loss"] for r in _metrics(summary)]
+    np.testing.assert_allclose(losses, [r["loss"] for r in _metrics(one)], rtol=1e-6, atol=1e-7)
+    w_restarted, _, _ = read_checkpoint(summary.checkpoint)
+    w_ref, _, _ = read_checkpoint(one.checkpoint)
+    assert all(
+        torch.allclose(w_restarted["generator"][k], v, atol=1e-6) for k, v in w_ref["generator"].items()
+    )
+
+
+def _parent(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+
+
+def _train_worker_pids() -> list[int]:
+    """This test process's Ray Train workers: descendants titled ``ray::RayTrainWorker...`` (the session's
+    raylet was started by this process; other Ray instances on the machine are left alone)."""
+    pids = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                continue
+            ancestor = pid
+            while ancestor > 1 and ancestor != os.getpid():
+                ancestor = _parent(ancestor)
+        except (OSError, StopIteration):
+            continue
+        if ancestor == os.getpid():
+            pids.append(pid)
+    return pids
 
 
 def _kill_environment(marker: str) -> None:
