@@ -1,0 +1,148 @@
+"""Every benchmark, quickly, one after the other: one JSON file and a markdown table of ratios beside their goals.
+
+    python benchmarks/run_all.py [--out benchmarks/results/all] [--only encode score train read]
+
+Runs, each in its own process with its own timeout (about 10 minutes in all on 2 CPU cores):
+
+* ``encode.py --sizes mixed``: the encode pipeline against the bare model forwards (released-size effnet and
+  CLIP-L, tiny CLIP-bigG text), and bytes on disk per sample against the raw tensor bytes;
+* ``score.py --flavor clip_score/l14``: the score pipeline against the bare scorer forward;
+* ``train.py --quick``: the training step on the cache against the same step on in-memory tensors and against
+  the on-the-fly step, per Stage C flavor (tiny, 1B-shaped), and the Ray Train data-wait fraction;
+* ``read.py``: the cache readers against a raw pyarrow read of the same files.
+
+Writes ``{out}.json`` (every benchmark's full result, the settings and the ratio rows) and ``{out}.md`` (the
+table). A benchmark that fails or times out shows as such in its rows; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+# name → (arguments, timeout seconds)
+BENCHMARKS: dict[str, tuple[list[str], int]] = {
+    "encode": (["encode.py", "--sizes", "mixed", "--images", "6", "--batch", "6"], 240),
+    "score": (["score.py", "--flavor", "clip_score/l14", "--images", "12", "--batch", "6"], 180),
+    "train": (["train.py", "--quick"], 420),
+    "read": (["read.py", "--rows", "1024", "--files", "8"], 120),
+}
+
+
+def run_one(name: str, out_dir: Path) -> dict[str, Any]:
+    """Run one benchmark script; its JSON result, or ``{"error": ...}``."""
+    args, timeout = BENCHMARKS[name]
+    out = out_dir / f"{name}.json"
+    command = [sys.executable, str(HERE / args[0]), *args[1:], "--out", str(out)]
+    env = os.environ | {"PYTHONPATH": str(HERE.parent), "RAY_ADDRESS": ""}
+    start = time.monotonic()
+    try:
+        done = subprocess.run(
+            command, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s", "wall_s": time.monotonic() - start}
+    wall = time.monotonic() - start
+    if done.returncode != 0 or not out.exists():
+        return {"error": f"exit {done.returncode}: {done.stderr[-1500:]}", "wall_s": wall}
+    return json.loads(out.read_text()) | {"wall_s": wall}
+
+
+def _get(result: dict, *path: str) -> Any:
+    for part in path:
+        if not isinstance(result, dict) or part not in result:
+            return None
+        result = result[part]
+    return result
+
+
+def _row(ratio: str, value: Any, goal: str, check: Callable[[float], bool] | None, note: str = "") -> dict:
+    met = None if value is None or check is None else bool(check(value))
+    return {"ratio": ratio, "value": value, "goal": goal, "met": met, "note": note}
+
+
+def ratio_rows(results: dict[str, dict]) -> list[dict]:
+    """The issue's table, one row per ratio (per flavor where it asks), from the benchmarks' results."""
+    enc, score, train, read = (results.get(k, {}) for k in ("encode", "score", "train", "read"))
+    rows = [
+        _row("encode / bare model forward (all cores)", enc.get("ratio_pipeline_over_bare_all_cores"), "≥ 0.85",
+             lambda v: v >= 0.85, f"one-thread bare: {_fmt(enc.get('ratio_pipeline_over_bare'))}; sizes {enc.get('sizes')}"),
+        _row("score / bare model forward", score.get("ratio_pipeline_over_bare"), "≥ 0.85", lambda v: v >= 0.85,
+             str(score.get("flavor", ""))),
+    ]  # fmt: skip
+    for flavor, r in (_get(train, "results") or {}).items():
+        cached, with_read = r.get("cached_step_s"), r.get("cached_step_with_read_s")
+        rows.append(_row(f"training step on cache / in-memory tensors ({flavor})",
+                         with_read / cached if cached and with_read else None, "≤ 1.05", lambda v: v <= 1.05,
+                         f"{_fmt(with_read)} s vs {_fmt(cached)} s"))  # fmt: skip
+        rows.append(_row(f"training on the fly / on cache ({flavor})", r.get("speedup_on_the_fly_over_cached"),
+                         "report", None,
+                         f"removes {_fmt(r.get('encoder_cpu_s_per_sample'))} CPU-s and "
+                         f"{_fmt(r.get('encoder_peak_mib'))} MiB of encoders per sample (peak, batch)"))  # fmt: skip
+        rows.append(_row(f"data-wait fraction ({flavor})", _get(r, "ray_train", "data_wait_fraction"), "≤ 5%",
+                         lambda v: v <= 0.05, f"max row {_fmt(_get(r, 'ray_train', 'data_wait_fraction_max'))}"))  # fmt: skip
+    rows.append(_row("cached read rate / raw pyarrow read", read.get("ratio_cache_parquet_over_raw"), "≥ 0.5",
+                     lambda v: v >= 0.5, f"WebDataset {_fmt(read.get('ratio_cache_webdataset_over_raw'))}; "
+                     f"training batches {_fmt(read.get('ratio_training_batches_over_raw'))}"))  # fmt: skip
+    rows.append(_row("bytes on disk per sample / raw tensor bytes", _get(enc, "bytes", "ratio"), "≤ 1.05",
+                     lambda v: v <= 1.05, f"real encodes; random fp16 tensors: {_fmt(read.get('ratio_bytes_over_raw'))}"))  # fmt: skip
+    for name, result in results.items():
+        if "error" in result:
+            rows.append(_row(f"{name} benchmark", None, "runs", None, result["error"].splitlines()[0][:200]))
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: list[dict], results: dict[str, dict]) -> str:
+    lines = ["| ratio | value | goal | met | note |", "|---|---|---|---|---|"]
+    for r in rows:
+        met = {True: "yes", False: "**no**", None: "–"}[r["met"]]
+        lines.append(f"| {r['ratio']} | {_fmt(r['value'])} | {r['goal']} | {met} | {r['note']} |")
+    walls = ", ".join(f"{k} {v.get('wall_s', 0):.0f} s" for k, v in results.items())
+    return (
+        "\n".join(lines)
+        + f"\n\nWall time: {walls}; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}.\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(HERE / "results" / "all"), help="writes OUT.json and OUT.md")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=sorted(BENCHMARKS))
+    args = parser.parse_args()
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="cascade-bench-") as tmp:
+        for name in args.only:
+            print(f"running {name} …", flush=True)
+            results[name] = run_one(name, Path(tmp))
+            print(
+                f"  {name}: {results[name].get('error', 'ok')} ({results[name]['wall_s']:.0f} s)", flush=True
+            )
+    rows = ratio_rows(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {name: BENCHMARKS[name][0] for name in args.only}
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "settings": settings, "results": results,
+                                                    "cpu_count": os.cpu_count()}, indent=2))  # fmt: skip
+    table = markdown(rows, results)
+    out.with_suffix(".md").write_text("# Benchmark ratios\n\n" + table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
