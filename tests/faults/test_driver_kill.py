@@ -1,0 +1,90 @@
+"""Driver killed mid-job (SIGKILL of the ``cascade`` process group and its local Ray), then the same command
+again: the output holds every key exactly once, as an uninterrupted run's does. Encode has its own test
+(tests/pipelines/test_encode.py); training resumes exactly (tests/jobs/test_train.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from pipelines.shards import members_tar_bytes
+from tests.conftest import REPO_ROOT
+from tests.jobs.test_train import _kill_environment
+from tests.pipelines.photos import PHOTOS, captions, jpeg
+
+N_SHARDS = 48
+
+
+def cascade(job: str, *sets: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", job, *(a for s in sets for a in ("--set", s))]
+
+
+def kill_when(command: list[str], started, timeout: float = 240) -> None:
+    """Start ``command`` on its own local Ray, SIGKILL it (and that Ray) once ``started()`` is true."""
+    ray_tmp = tempfile.mkdtemp(prefix="raydk", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=os.environ | {"RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not started():
+        assert proc.poll() is None, (
+            "the job ended before it was killed: " + proc.stderr.read().decode()[-2000:]
+        )
+        assert time.monotonic() < deadline, "the job never started writing"
+        time.sleep(0.01)
+    _kill_environment(f"RAY_TMPDIR={ray_tmp}")  # the driver, its raylet and workers: all carry the marker
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def rerun(command: list[str]) -> None:
+    done = subprocess.run(command, cwd=REPO_ROOT, env=os.environ | {"RAY_ADDRESS": ""}, capture_output=True,
+                          text=True, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def keys(folder: Path, pattern: str) -> list[str]:
+    files = sorted(folder.glob(pattern))
+    return pads.dataset(files).to_table(columns=["key"])["key"].to_pylist() if files else []
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> tuple[Path, set[str]]:
+    src = tmp_path_factory.mktemp("driver_kill") / "src"
+    src.mkdir()
+    expected = set()
+    for s in range(N_SHARDS):
+        members = [(f"s{s}_{n}", {"jpg": jpeg(n), "txt": captions()[n].encode()}) for n in PHOTOS]
+        (src / f"{s:05d}.tar").write_bytes(members_tar_bytes(members))
+        expected |= {k for k, _ in members}
+    return src, expected
+
+
+@pytest.mark.timeout(600)
+def test_ingest_then_score_killed_and_rerun_write_every_key_once(source, tmp_path) -> None:
+    src, expected = source
+    shards, scores = tmp_path / "shards", tmp_path / "scores"
+    ingest = cascade("ingest", "existing.source.kind=webdataset", f"existing.source.path={src}",
+                     f"existing.output_dir={shards}", "existing.resources.concurrency=1")  # fmt: skip
+    kill_when(ingest, lambda: any(shards.glob("*.tar")))
+    assert len(list(shards.glob("*.tar"))) < N_SHARDS and not (shards / "manifest.json").exists()
+    rerun(ingest)
+    assert sorted(p.name for p in shards.glob("*.tar")) == [f"{s:05d}.tar" for s in range(N_SHARDS)]
+    ingested = keys(shards, "*.parquet")  # img2dataset status rows, one per sample
+    assert len(ingested) == len(set(ingested)) and set(ingested) == expected
+    score = cascade("score", "shards.kind=webdataset", f"shards.path={shards}", f"output_dir={scores}",
+                    "scorer.flavor=clip_score/tiny", "score_resources.batch_size=5", "write_resources.batch_size=5",
+                    "read_resources.concurrency=1")  # fmt: skip
+    kill_when(score, lambda: any(scores.glob("part-*.parquet")))
+    assert len(keys(scores, "part-*.parquet")) < len(expected)
+    rerun(score)
+    scored = keys(scores, "part-*.parquet")
+    assert len(scored) == len(set(scored)), "a key was scored twice"
+    assert set(scored) == expected
