@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,8 +33,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 # name → (arguments, timeout seconds)
 BENCHMARKS: dict[str, tuple[list[str], int]] = {
-    "encode": (["encode.py", "--sizes", "mixed", "--images", "6", "--batch", "6"], 240),
-    "score": (["score.py", "--flavor", "clip_score/l14", "--images", "12", "--batch", "6"], 180),
+    "encode": (["encode.py", "--sizes", "mixed", "--images", "4", "--batch", "4"], 300),
+    "score": (["score.py", "--flavor", "clip_score/l14", "--images", "16", "--batch", "8"], 240),
     "train": (["train.py", "--quick"], 420),
     "read": (["read.py", "--rows", "1024", "--files", "8"], 120),
 }
@@ -44,18 +45,40 @@ def run_one(name: str, out_dir: Path) -> dict[str, Any]:
     args, timeout = BENCHMARKS[name]
     out = out_dir / f"{name}.json"
     command = [sys.executable, str(HERE / args[0]), *args[1:], "--out", str(out)]
-    env = os.environ | {"PYTHONPATH": str(HERE.parent), "RAY_ADDRESS": ""}
+    marker = f"CASCADE_BENCH_RUN={name}-{os.getpid()}"
+    env = os.environ | {
+        "PYTHONPATH": str(HERE.parent),
+        "RAY_ADDRESS": "",
+        "CASCADE_BENCH_RUN": marker.split("=")[1],
+    }
+    log = out_dir / f"{name}.log"
     start = time.monotonic()
-    try:
-        done = subprocess.run(
-            command, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s", "wall_s": time.monotonic() - start}
+    # Own session, output to a file: on a timeout the whole group goes (its local Ray included), and no
+    # grandchild holds a pipe open.
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, cwd=HERE.parent, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kill_marked(marker)  # its Ray processes run in sessions of their own
+            return {"error": f"timed out after {timeout} s", "wall_s": time.monotonic() - start}
     wall = time.monotonic() - start
-    if done.returncode != 0 or not out.exists():
-        return {"error": f"exit {done.returncode}: {done.stderr[-1500:]}", "wall_s": wall}
+    if code != 0 or not out.exists():
+        return {"error": f"exit {code}: {log.read_text()[-1500:]}", "wall_s": wall}
     return json.loads(out.read_text()) | {"wall_s": wall}
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment holds ``marker``."""
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            continue
 
 
 def _get(result: dict, *path: str) -> Any:

@@ -88,3 +88,38 @@ def test_ingest_then_score_killed_and_rerun_write_every_key_once(source, tmp_pat
     scored = keys(scores, "part-*.parquet")
     assert len(scored) == len(set(scored)), "a key was scored twice"
     assert set(scored) == expected
+
+
+@pytest.mark.timeout(300)
+def test_export_killed_and_rerun_lists_every_row_once(tmp_path) -> None:
+    """A cache at the released tensor shapes (large enough for the export to take seconds), exported in
+    8-row files; the export is killed after its first file, rerun, and then holds each key once."""
+    import json
+
+    from pipelines.latents_io import to_latent_table, write_latent_files
+    from tests.pipelines.test_latents_io import META, latent_rows
+
+    shapes = {
+        "effnet": (16, 24, 24),
+        "clip_text": (77, 1280),
+        "clip_text_pooled": (1, 1280),
+        "clip_img": (768,),
+    }
+    cache, out = tmp_path / "cache", tmp_path / "export"
+    expected = []
+    for f in range(4):
+        rows = latent_rows(shapes, 96, seed=f)
+        expected += rows["key"]
+        write_latent_files(
+            to_latent_table(rows, "float16", META), str(cache), f"{f:05d}_24x24", formats=("parquet",)
+        )
+    export = cascade("export", f"latents={cache}", f"output_dir={out}", "rows_per_file=8", "dtype=float32")
+    kill_when(export, lambda: any(out.glob("24x24/part-*.parquet")), timeout=120)
+    assert not (out / "export_manifest.json").exists()
+    assert len(list(out.glob("24x24/part-*.parquet"))) < len(expected) // 8
+    rerun(export)
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    files = sorted(p.relative_to(out).as_posix() for p in out.glob("*/part-*"))
+    assert files == sorted(manifest["files"]) and len(files) == len(expected) // 8
+    exported = keys(out, "24x24/part-*.parquet")
+    assert len(exported) == len(set(exported)) and sorted(exported) == sorted(expected)
