@@ -19,6 +19,7 @@ from pipelines.encode_steps import SHARD_ID
 from pipelines.latents_io import parquet_bytes, to_latent_table, webdataset_bytes
 from pipelines.shards import write_bytes
 from pipelines.sink import rejects_table
+from pipelines.sources import caption_text
 from pipelines.step import Batch, Step, healthy, object_column
 from schemas import FileMetadata
 from schemas import columns as c
@@ -38,10 +39,6 @@ class WriteConfig:
     member_format: str = "npy"
     stage_a: bool = False
     endpoint_url: str | None = None
-
-
-def _caption(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class WriteLatentParts(Step):
@@ -68,7 +65,7 @@ class WriteLatentParts(Step):
     def _rows(self, batch: Batch, rows: list[int]) -> dict[str, np.ndarray]:
         out = {name: batch[name][rows] for name in LATENT_SCALARS if name not in (c.SOURCE_SHARD, c.CAPTION)}
         out[c.SOURCE_SHARD] = batch[c.SOURCE][rows]
-        out[c.CAPTION] = object_column(_caption(v) for v in batch[c.CAPTION][rows])
+        out[c.CAPTION] = object_column(caption_text(v) for v in batch[c.CAPTION][rows])
         tensors = (
             c.EFFNET,
             c.CLIP_TEXT,

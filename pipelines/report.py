@@ -35,7 +35,7 @@ from pipelines.report_steps import (
     ReconstructConfig,
 )
 from pipelines.shards import write_bytes
-from pipelines.sources import SourceConfig, list_shards, read_shard
+from pipelines.sources import SourceConfig, caption_text, list_shards, read_shard
 from pipelines.step import Batch, Resources
 from schemas import columns as c
 
@@ -61,6 +61,8 @@ class ReportConfig:
         preprocess, effnet, clip_text: raw images only: the crop and the encoders (as in ``cascade encode``).
         reconstruct: Stage B / Stage A flavors and weights, sampler settings and the LPIPS backbone.
         endpoint_url: S3 endpoint of ``latents``; output_endpoint_url: of ``output_dir``.
+        crop_resources, encode_resources, reconstruct_resources: Ray resources of the crop/preprocess tasks,
+            the raw-image encoder actors and the Stage B + A actor pool (``num_gpus`` on GPU nodes).
     """
 
     output_dir: str
@@ -277,7 +279,7 @@ def build_report(config: ReportConfig, results: list[dict[str, Any]]) -> dict[st
         images = {
             kind: f"images/{index:05d}_{kind}.png" for kind in ("original", "reconstruction", "difference")
         }
-        samples.append({"key": r[c.KEY], "caption": str(r[c.CAPTION]), "shard": posixpath.basename(str(r[c.SOURCE_SHARD])),
+        samples.append({"key": r[c.KEY], "caption": caption_text(r[c.CAPTION]), "shard": posixpath.basename(str(r[c.SOURCE_SHARD])),
                         "bucket": r[c.BUCKET], "encoder_version": r[ENCODER_VERSION], "images": images}
                        | {m: (None if math.isnan(r[m]) else float(r[m])) for m in METRICS})  # fmt: skip
     groups = {}

@@ -20,7 +20,7 @@ import numpy as np
 from pipelines.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb, to_float_chw
 from pipelines.plan import Plan, PlannedStep
 from pipelines.sink import WriteParquet, WriteParquetConfig, summarize
-from pipelines.sources import READ_COLUMNS, SourceConfig, list_shards, read_shard
+from pipelines.sources import READ_COLUMNS, SourceConfig, caption_text, list_shards, read_shard
 from pipelines.step import Batch, Resources, Step, healthy, reject
 from schemas import FileMetadata, preprocessing_hash, scores_schema
 from schemas.columns import (
@@ -113,10 +113,6 @@ def _meta_value(meta: dict[str, Any], names: tuple[str, ...]) -> float:
     return float("nan")
 
 
-def _caption(value: Any) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value or "")
-
-
 class ScoreSamples(Step):
     """Decode each image once, score the batch with one CLIP pass, fill the score columns."""
 
@@ -165,7 +161,7 @@ class ScoreSamples(Step):
             rows.append(i)
             images.append(self.torch.from_numpy(to_float_chw(rgb)))
         if rows:
-            captions = [_caption(batch[CAPTION][i]) for i in rows]
+            captions = [caption_text(batch[CAPTION][i]) for i in rows]
             result = self.scorer.score(images, captions)
             out[CLIP_IMAGE_EMBEDS][rows] = result.image_embeds.cpu().numpy()
             out[AESTHETIC_SCORE][rows] = result.aesthetic.cpu().numpy()
@@ -173,14 +169,14 @@ class ScoreSamples(Step):
         for j, i in enumerate(rows):
             h, w = images[j].shape[-2:]
             out[WIDTH][i], out[HEIGHT][i], out[ASPECT_RATIO][i] = w, h, w / h
-            out[CAPTION_LENGTH][i] = len(_caption(batch[CAPTION][i]))
+            out[CAPTION_LENGTH][i] = len(caption_text(batch[CAPTION][i]))
             try:
                 meta = json.loads(batch[META_JSON][i] or "{}")
             except json.JSONDecodeError:
                 meta = {}
             for column, names in META_FIELDS.items():
                 out[column][i] = _meta_value(meta if isinstance(meta, dict) else {}, names)
-        batch[CAPTION] = np.asarray([_caption(c) for c in batch[CAPTION]], dtype=object)
+        batch[CAPTION] = np.asarray([caption_text(c) for c in batch[CAPTION]], dtype=object)
         return batch | out
 
 

@@ -123,6 +123,11 @@ class _Rows:
             yield {c: object_column(r[c] for r in chunk) for c in READ_COLUMNS}
 
 
+def caption_text(value: Any) -> str:
+    """A caption as read (str, UTF-8 bytes or None) as text; undecodable bytes become U+FFFD."""
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value or "")
+
+
 def _split_member(name: str) -> tuple[str, str]:
     """WebDataset convention: the key is the path up to the first dot of the basename."""
     directory, base = posixpath.split(name)

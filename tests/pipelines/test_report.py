@@ -196,6 +196,7 @@ def test_report_from_raw_images_lists_bad_rows(ray_local, tmp_path) -> None:
     assert [r["key"] for r in report["rejects"]] == ["broken"]
     assert report["rejects"][0]["step"] == "preprocess" and report["rejects"][0]["reason"]
     assert sorted(s["key"] for s in report["samples"]) == sorted(names)
+    assert {s["caption"] for s in report["samples"]} == {captions()[n] for n in names}
     assert summary.lpips_skipped and report["metrics"]["lpips_skipped"] == summary.lpips_skipped
     assert report["worst_by"] == "psnr" and all(s["lpips"] is None for s in report["samples"])
     assert set(report["models"]) == {"stage_b", "stage_a", "effnet", "clip_text"}
