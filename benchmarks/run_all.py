@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 # name → (arguments, timeout seconds)
 BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "encode": (["encode.py", "--sizes", "mixed", "--images", "4", "--batch", "4"], 300),
-    "score": (["score.py", "--flavor", "clip_score/l14", "--images", "16", "--batch", "8"], 240),
+    "score": (["score.py", "--flavor", "clip_score/l14", "--images", "12", "--batch", "6"], 180),
     "train": (["train.py", "--quick"], 420),
     "read": (["read.py", "--rows", "1024", "--files", "8"], 120),
 }
