@@ -161,6 +161,10 @@ def run_demo(config: DemoConfig, address: str | None = None) -> dict[str, str]:
     )
     print(f"cascade demo: {len(jobs)} jobs on {label}; outputs under {Path(config.output_dir).resolve()}")
     init_ray(address)
+    import ray
+
+    # One headline per job instead of Ray Data's live bars (a Train worker's bars would redraw over the list).
+    ray.data.DataContext.get_current().enable_progress_bars = False
     where: dict[str, str] = {}
     for i, (name, job_config) in enumerate(jobs, 1):
         start = time.monotonic()
