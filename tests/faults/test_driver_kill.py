@@ -17,8 +17,8 @@ import pytest
 
 from pipelines.shards import members_tar_bytes
 from tests.conftest import REPO_ROOT
-from tests.jobs.test_train import _kill_environment
 from tests.pipelines.photos import PHOTOS, captions, jpeg
+from tests.processes import kill_marked_processes
 
 N_SHARDS = 48
 
@@ -39,7 +39,7 @@ def kill_when(command: list[str], started, timeout: float = 240) -> None:
         )
         assert time.monotonic() < deadline, "the job never started writing"
         time.sleep(0.01)
-    _kill_environment(f"RAY_TMPDIR={ray_tmp}")  # the driver, its raylet and workers: all carry the marker
+    kill_marked_processes(f"RAY_TMPDIR={ray_tmp}")  # the driver, its raylet and workers: all carry the marker
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 

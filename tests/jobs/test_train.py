@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -27,6 +26,7 @@ from pipelines.train_data import TrainDataConfig, window_micro_batches
 from stages.flavors import build_model
 from tests.conftest import REPO_ROOT
 from tests.jobs.train_cache import build_cache
+from tests.processes import kill_marked_processes
 from tests.s3 import moto_endpoint
 
 # two Ray Train workers and the read tasks share CI's 2 CPUs
@@ -171,7 +171,7 @@ def test_kill_and_resume_repeats_the_uninterrupted_trajectory(cache, one_worker_
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    _kill_environment(f"RAY_TMPDIR={ray_tmp}")  # its Ray: raylet and workers run in sessions of their own
+    kill_marked_processes(f"RAY_TMPDIR={ray_tmp}")  # its Ray: raylet and workers run in sessions of their own
     killed_at = max(
         json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/trainer_state.json")
     )
@@ -247,26 +247,6 @@ def _train_worker_pids() -> list[int]:
         if ancestor == os.getpid():
             pids.append(pid)
     return pids
-
-
-def _kill_environment(marker: str) -> None:
-    """SIGKILL every process whose environment holds ``marker`` (a killed driver's Ray processes), until none is left."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        found = []
-        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-            try:
-                if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                    found.append(int(pid))
-            except OSError:
-                continue
-        if not found:
-            return
-        for pid in found:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-    raise AssertionError(f"processes with {marker} survive")
 
 
 @pytest.fixture(scope="module")
