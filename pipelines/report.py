@@ -129,7 +129,8 @@ def _share(wanted: int, taken: int, sources_left: int) -> int:
 
 def sample_cache(config: ReportConfig) -> list[dict[str, Any]]:
     """Seeded rows of a latent cache: key, caption, source shard, bucket, encoder version, effnet, pooled text."""
-    from pipelines.latents_reader import file_info, list_latent_files, read_latent_table, table_to_batch
+    from pipelines.latents_reader import list_latent_files, read_latent_table, table_to_batch
+    from schemas.core import FileMetadata
 
     options = config.input_options()
     files = list_latent_files(config.latents, config.latents_format, options)
@@ -138,13 +139,13 @@ def sample_cache(config: ReportConfig) -> list[dict[str, Any]]:
     wanted = [c.KEY, c.CAPTION, c.SOURCE_SHARD, c.BUCKET, c.EFFNET, c.CLIP_TEXT_POOLED]
     for position, index in enumerate(rng.permutation(len(files))):
         per_file = _share(config.num_samples, len(rows), len(files) - position)
-        meta, n = file_info(files[index], config.latents_format, storage_options=options)
-        version = _version(meta.encoder_flavors.get("effnet", "?"), meta.weights_sha256.get("effnet"))
         table = read_latent_table(
             files[index], config.latents_format, storage_options=options, columns=wanted
         )
+        meta = FileMetadata.from_arrow(table.schema.metadata)  # one read per file: the table carries it
+        version = _version(meta.encoder_flavors.get("effnet", "?"), meta.weights_sha256.get("effnet"))
         batch = table_to_batch(table, float32=True)
-        for r in sorted(rng.permutation(n)[:per_file]):
+        for r in sorted(rng.permutation(table.num_rows)[:per_file]):
             rows.append({k: batch[k][r] for k in wanted} | {ENCODER_VERSION: version})
         if len(rows) >= config.num_samples:
             break
@@ -244,7 +245,7 @@ def _batch_rows(batch: Batch) -> Iterator[dict[str, Any]]:
 def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"n": len(rows)}
     for m in METRICS:
-        values = np.asarray([r[m] for r in rows], np.float64)
+        values = np.asarray([np.nan if r[m] is None else r[m] for r in rows], np.float64)
         values = values[np.isfinite(values)]
         out[f"{m}_mean"] = float(values.mean()) if values.size else None
         out[f"{m}_median"] = float(np.median(values)) if values.size else None
@@ -287,9 +288,7 @@ def build_report(config: ReportConfig, results: list[dict[str, Any]]) -> dict[st
         members: dict[str, list] = defaultdict(list)
         for s in samples:
             members[s[name]].append(s)
-        groups[name] = {k: _stats([{m: np.nan if s[m] is None else s[m] for m in METRICS} for s in v])
-                        for k, v in sorted(members.items())}  # fmt: skip
-    as_metrics = [{m: np.nan if s[m] is None else s[m] for m in METRICS} for s in samples]
+        groups[name] = {k: _stats(v) for k, v in sorted(members.items())}
     lpips_on = lpips.skipped_reason() is None
     versions = sorted({s["encoder_version"] for s in samples})
     models = _models(config)
@@ -304,10 +303,10 @@ def build_report(config: ReportConfig, results: list[dict[str, Any]]) -> dict[st
         "metrics": {"psnr": f"PSNR (dB, data range 1, capped at {PSNR_CAP_DB:g})", "ssim": "SSIM (gaussian 11, σ 1.5)",
                     "lpips": lpips.name, "lpips_skipped": lpips.skipped_reason(),
                     "compared_at": "the crop effnet saw; the Stage A decode (4/3 of it) resized with antialias"},
-        "overall": _stats(as_metrics),
+        "overall": _stats(samples),
         "by_shard": groups["shard"], "by_bucket": groups["bucket"], "by_encoder_version": groups["encoder_version"],
         "worst_by": "lpips" if lpips_on else "psnr",
-        "worst": _worst(as_metrics, config.worst_k, lpips_on),
+        "worst": _worst(samples, config.worst_k, lpips_on),
         "samples": samples,
         "rejects": [{"key": r[c.KEY], "shard": str(r[c.SOURCE_SHARD]), "step": r[c.REJECT_STEP],
                      "reason": r[c.REJECT_REASON], "detail": r[c.REJECT_DETAIL]} for r in rejected],

@@ -15,9 +15,8 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from pipelines.shards import members_tar_bytes
 from tests.conftest import REPO_ROOT
-from tests.pipelines.photos import PHOTOS, captions, jpeg
+from tests.pipelines.photos import photo_shards
 from tests.processes import kill_marked_processes
 
 N_SHARDS = 48
@@ -58,12 +57,7 @@ def keys(folder: Path, pattern: str) -> list[str]:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> tuple[Path, set[str]]:
     src = tmp_path_factory.mktemp("driver_kill") / "src"
-    src.mkdir()
-    expected = set()
-    for s in range(N_SHARDS):
-        members = [(f"s{s}_{n}", {"jpg": jpeg(n), "txt": captions()[n].encode()}) for n in PHOTOS]
-        (src / f"{s:05d}.tar").write_bytes(members_tar_bytes(members))
-        expected |= {k for k, _ in members}
+    expected = photo_shards(src, N_SHARDS)
     return src, expected
 
 

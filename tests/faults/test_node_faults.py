@@ -11,22 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.latents_reader import list_latent_files
-from pipelines.shards import members_tar_bytes
 from tests.conftest import REPO_ROOT
-from tests.pipelines.photos import PHOTOS, captions, jpeg
+from tests.pipelines.photos import photo_shards
 
 N_SHARDS = 8
-
-
-def image_shards(root: Path) -> set[str]:
-    """N_SHARDS WebDataset shards of the real photos, every key unique across shards."""
-    root.mkdir()
-    keys = set()
-    for s in range(N_SHARDS):
-        members = [(f"s{s}_{name}", {"jpg": jpeg(name), "txt": captions()[name].encode()}) for name in PHOTOS]
-        (root / f"{s:05d}.tar").write_bytes(members_tar_bytes(members))
-        keys |= {key for key, _ in members}
-    return keys
 
 
 def run_with_node_kill(job: str, shards: Path, out: Path) -> dict:
@@ -48,7 +36,7 @@ def run_with_node_kill(job: str, shards: Path, out: Path) -> dict:
 @pytest.mark.timeout(480)
 @pytest.mark.parametrize("job", ["encode", "score"])
 def test_worker_node_killed_mid_job_every_key_once(job, tmp_path) -> None:
-    keys = image_shards(tmp_path / "shards")
+    keys = photo_shards(tmp_path / "shards", N_SHARDS)
     out = tmp_path / job
     run_with_node_kill(job, tmp_path / "shards", out)
     if job == "encode":

@@ -10,10 +10,9 @@ import fsspec
 import pytest
 
 from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.shards import members_tar_bytes
 from pipelines.sources import SourceConfig
 from tests.faults.flaky_proxy import FlakyProxy
-from tests.pipelines.photos import PHOTOS, captions, jpeg
+from tests.pipelines.photos import PHOTOS, photo_shards
 from tests.s3 import moto_endpoint
 
 BUCKET = "outage-test-bucket"
@@ -27,10 +26,7 @@ def contents(fs, prefix: str) -> dict[str, bytes]:
 @pytest.mark.timeout(400)
 def test_s3_restart_mid_write_is_retried_and_never_shows_a_partial_shard(ray_local, tmp_path) -> None:
     src = tmp_path / "src"
-    src.mkdir()
-    for s in range(8):
-        members = [(f"s{s}_{n}", {"jpg": jpeg(n), "txt": captions()[n].encode()}) for n in PHOTOS]
-        (src / f"{s:05d}.tar").write_bytes(members_tar_bytes(members))
+    photo_shards(src, 8)
     source = SourceConfig(kind="webdataset", path=str(src))
     with moto_endpoint() as direct:
         fs = fsspec.filesystem("s3", endpoint_url=direct)

@@ -15,10 +15,15 @@ from jobs.demo import PHOTOS, RELEASED, SCORER_FILES, DemoConfig, demo_jobs
 def test_bundled_photos_have_captions_and_licences() -> None:
     photos = sorted(PHOTOS.glob("*.jpg"))
     assert len(photos) == 9
-    readme = (PHOTOS / "README.md").read_text()
+    licences = {
+        line.split("`")[1]: line
+        for line in (PHOTOS / "README.md").read_text().splitlines()
+        if line.startswith("- `")
+    }
+    assert sorted(licences) == sorted(p.name for p in photos)
     for photo in photos:
         assert photo.with_suffix(".txt").read_text().strip()
-        assert f"`{photo.name}`: " in readme and ("CC0" in readme or "public domain" in readme)
+        assert "CC0" in licences[photo.name] or "public domain" in licences[photo.name], licences[photo.name]
     assert sum(p.stat().st_size for p in PHOTOS.iterdir()) < 1_000_000
 
 

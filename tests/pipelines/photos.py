@@ -36,3 +36,17 @@ def photo_tar(names: tuple[str, ...] = PHOTOS) -> bytes:
     from pipelines.shards import members_tar_bytes
 
     return members_tar_bytes((n, {"jpg": jpeg(n), "txt": captions()[n].encode()}) for n in names)
+
+
+def photo_shards(root, n_shards: int) -> set[str]:
+    """``n_shards`` WebDataset shards ``NNNNN.tar`` of the photos, keys ``s<shard>_<name>`` unique across them;
+    returns the keys."""
+    from pipelines.shards import members_tar_bytes
+
+    root.mkdir(parents=True, exist_ok=True)
+    keys: set[str] = set()
+    for s in range(n_shards):
+        members = [(f"s{s}_{n}", {"jpg": jpeg(n), "txt": captions()[n].encode()}) for n in PHOTOS]
+        (root / f"{s:05d}.tar").write_bytes(members_tar_bytes(members))
+        keys |= {key for key, _ in members}
+    return keys
