@@ -140,8 +140,9 @@ def read_latent_table(
     wanted = _columns(columns)
     with _open(uri, format, storage_options) as f:
         if format == "parquet":
-            _parquet_footer(uri, f, expect, wanted)  # before reading a row
-            table = pq.read_table(f, columns=wanted, page_checksum_verification=True)
+            parquet = pq.ParquetFile(f, page_checksum_verification=True)  # one footer read
+            _parquet_footer(uri, parquet, expect, wanted)  # before reading a row
+            table = parquet.read(columns=wanted)
         else:
             with tarfile.open(fileobj=f, mode="r|") as tar:
                 table = _tar_table(uri, tar, wanted, expect)
@@ -173,8 +174,8 @@ def file_info(
     wanted = _columns(columns)
     with _open(uri, format, storage_options, block_size=1 << 16) as f:
         if format == "parquet":
-            meta = _parquet_footer(uri, f, expect, wanted)
-            return meta, pq.ParquetFile(f).metadata.num_rows
+            parquet = pq.ParquetFile(f)
+            return _parquet_footer(uri, parquet, expect, wanted), parquet.metadata.num_rows
         with tarfile.open(fileobj=f, mode="r|") as tar:
             header, meta, _ = _tar_header(uri, tar, iter(tar), wanted, expect)
             return meta, int(header[NUM_SAMPLES_KEY])
@@ -313,10 +314,11 @@ def _open(
             ) from None
 
 
-def _parquet_footer(uri: str, f: Any, expect: FileMetadata | None, columns: list[str] | None) -> FileMetadata:
-    meta = validate_table(pq.read_schema(f).empty_table(), LATENTS_ID, source=uri, columns=columns)
+def _parquet_footer(
+    uri: str, parquet: pq.ParquetFile, expect: FileMetadata | None, columns: list[str] | None
+) -> FileMetadata:
+    meta = validate_table(parquet.schema_arrow.empty_table(), LATENTS_ID, source=uri, columns=columns)
     check_expected(meta, expect, uri)
-    f.seek(0)
     return meta
 
 
