@@ -12,7 +12,8 @@ written to a temporary folder, so the job runs its real loading path.
   < 2 CPUs), and with all cores (the same hardware the pipeline's parallel actors use; the stricter baseline).
 * pipeline: ``run_encode`` once over one input shard per batch; its steady samples/s from the times its parts
   were written (``steady.py``: start-up and pipeline fill excluded).
-* bytes: Parquet bytes per sample against the raw bytes of the stored tensors (fp16).
+* bytes: Parquet bytes per sample against the raw bytes of the stored tensors (fp16), with the distinct encoded
+  rows in one part as in a real shard (and as written, in one small part per batch).
 """
 
 from __future__ import annotations
