@@ -27,6 +27,7 @@ from pathlib import Path
 
 import photos  # benchmarks/photos.py (scripts run from this folder)
 import torch
+from local_ray import local_ray  # benchmarks/local_ray.py
 from steady import median_seconds, steady_rate  # benchmarks/steady.py
 from weights import save_random_weights  # benchmarks/weights.py
 
@@ -64,8 +65,6 @@ def bare_seconds_per_sample(
 
 def pipeline(flavors, weights, root: Path, batch: int) -> dict:
     """The encode job once; its steady rate from the parts it wrote (start-up and pipeline fill excluded)."""
-    import ray
-
     from pipelines.encode import EncodeConfig, run_encode
     from pipelines.encode_models import EncoderConfig
     from pipelines.sources import SourceConfig
@@ -81,14 +80,10 @@ def pipeline(flavors, weights, root: Path, batch: int) -> dict:
         preprocess_resources=Resources(num_cpus=0.5, batch_size=batch),
         write_resources=Resources(num_cpus=0.25, batch_size=batch), **encoders,
     )  # fmt: skip
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
+    with local_ray():
         start = time.perf_counter()
         run_encode(config)
         wall = time.perf_counter() - start
-    finally:
-        ray.shutdown()
     return steady_rate((root / "out" / "parquet").glob("*.parquet")) | {"job_wall_s": wall}
 
 
@@ -142,24 +137,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         samples = photos.samples(args.images)
-        (root / "src").mkdir()
-        for i in range(0, args.images, args.batch):  # one shard per batch: every batch is one written part
-            photos.write_tar(root / "src" / f"{i // args.batch:05d}.tar", samples[i : i + args.batch])
-        import ray
-
-        from pipelines.ingest import IngestConfig, run_ingest
-        from pipelines.sources import SourceConfig
-
-        ray.init(
-            address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False
-        )
-        run_ingest(
-            IngestConfig(
-                source=SourceConfig(kind="webdataset", path=str(root / "src")),
-                output_dir=str(root / "shards"),
-            )
-        )
-        ray.shutdown()
+        with local_ray():  # one shard per batch: every batch is one written part
+            photos.ingest(samples, root, per_shard=args.batch)
         weights = save_random_weights(flavors, root)
         bare = bare_seconds_per_sample(flavors, samples, args.batch, threads=1, reps=args.reps)
         bare_all = bare_seconds_per_sample(

@@ -16,11 +16,10 @@ import json
 import multiprocessing as mp
 import platform
 import resource
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from steady import median_seconds  # benchmarks/steady.py
 
 ENCODERS = {
     # name: (flavor by size, input description)
@@ -65,18 +64,10 @@ def _measure(encoder: str, flavor: str, batch: int, reps: int, device: str, bf16
         baseline = _rss_mib()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        fn()  # warm-up
-        sync()
         with FlopCounterMode(display=False) as counter:
             fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
+        seconds = median_seconds(lambda: (fn(), sync()), reps) / batch  # after one more warm-up call
     flops = counter.get_total_flops() / batch
-    seconds = statistics.median(times) / batch
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _rss_mib() - baseline
     queue.put(
         {

@@ -1,4 +1,4 @@
-"""Real photos for the benchmarks: scikit-image's sample images as JPEG samples, written as a WebDataset tar."""
+"""Real photos for the benchmarks: scikit-image's sample images as JPEG samples, in WebDataset tars, ingested."""
 
 from __future__ import annotations
 
@@ -30,3 +30,19 @@ def write_tar(path: Path, rows: list[tuple[str, bytes, str]]) -> None:
     path.write_bytes(
         members_tar_bytes((key, {"jpg": image, "txt": caption.encode()}) for key, image, caption in rows)
     )
+
+
+def ingest(samples: list[tuple[str, bytes, str]], root: Path, per_shard: int) -> Path:
+    """Write ``samples`` as tars of ``per_shard`` under ``root/src`` and ingest them (Ray must be up).
+
+    Returns the folder of the ingested shards, ``root/shards``.
+    """
+    from pipelines.ingest import IngestConfig, run_ingest
+    from pipelines.sources import SourceConfig
+
+    (root / "src").mkdir(parents=True)
+    for i in range(0, len(samples), per_shard):
+        write_tar(root / "src" / f"{i // per_shard:05d}.tar", samples[i : i + per_shard])
+    run_ingest(IngestConfig(source=SourceConfig(kind="webdataset", path=str(root / "src")),
+                            output_dir=str(root / "shards")))  # fmt: skip
+    return root / "shards"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import photos  # benchmarks/photos.py (scripts run from this folder)
 import torch
+from local_ray import local_ray  # benchmarks/local_ray.py
 from steady import median_seconds, steady_rate  # benchmarks/steady.py
 
 
@@ -61,8 +62,6 @@ def pipeline(
     flavor: str, root: Path, batch: int, actor_cpus: float, clip: str | None, head: str | None
 ) -> dict:
     """The score job once; its steady images/s from the parts it wrote (start-up and pipeline fill excluded)."""
-    import ray
-
     from pipelines.score import ScoreConfig, ScorerConfig, run_score
     from pipelines.sources import SourceConfig
     from pipelines.step import Resources
@@ -75,14 +74,10 @@ def pipeline(
         read_resources=Resources(batch_size=1, concurrency=1, num_cpus=0.5),
         write_resources=Resources(batch_size=batch, num_cpus=0.5),
     )
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
+    with local_ray():
         start = time.perf_counter()
         run_score(config)
         wall = time.perf_counter() - start
-    finally:
-        ray.shutdown()
     return steady_rate((root / "scores").glob("part-*.parquet")) | {"job_wall_s": wall}
 
 
@@ -99,25 +94,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         samples = photos.samples(args.images)
-        (root / "src").mkdir()
-        for i in range(0, args.images, args.batch):  # one shard per batch: every batch is one written part
-            photos.write_tar(root / "src" / f"{i // args.batch:05d}.tar", samples[i : i + args.batch])
         clip, head = _weights(args.flavor, root)
-        import ray
-
-        from pipelines.ingest import IngestConfig, run_ingest
-        from pipelines.sources import SourceConfig
-
-        ray.init(
-            address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False
-        )
-        run_ingest(
-            IngestConfig(
-                source=SourceConfig(kind="webdataset", path=str(root / "src")),
-                output_dir=str(root / "shards"),
-            )
-        )
-        ray.shutdown()
+        with local_ray():  # one shard per batch: every batch is one written part
+            photos.ingest(samples, root, per_shard=args.batch)
         threads = max(1, int(args.actor_cpus))
         bare = bare_forward(args.flavor, samples, args.batch, threads, args.reps, clip, head)
         piped = pipeline(args.flavor, root, args.batch, args.actor_cpus, clip, head)

@@ -70,6 +70,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import photos  # noqa: E402  (benchmarks/photos.py)
 import torch  # noqa: E402
+from local_ray import local_ray  # noqa: E402  (benchmarks/local_ray.py)
 from weights import save_random_weights  # noqa: E402  (benchmarks/weights.py)
 
 NARROW = "stage_c/1b-narrow"
@@ -108,20 +109,16 @@ def build_cache(root: Path, flavors: dict[str, str], samples: list, image_size_p
     """Ingest the photos and encode them with the set's encoders (Ray must be up); returns the cache."""
     from pipelines.encode import EncodeConfig, run_encode
     from pipelines.encode_models import EncoderConfig
-    from pipelines.ingest import IngestConfig, run_ingest
     from pipelines.preprocess import PreprocessConfig
     from pipelines.sources import SourceConfig
 
-    (root / "src").mkdir(parents=True)
-    photos.write_tar(root / "src" / "00000.tar", samples)
-    run_ingest(IngestConfig(source=SourceConfig(kind="webdataset", path=str(root / "src")),
-                            output_dir=str(root / "shards")))  # fmt: skip
+    shards = photos.ingest(samples, root, per_shard=len(samples))
     weights = save_random_weights({r: flavors[r] for r in ENCODERS}, root / "weights")
     encoders = {role: EncoderConfig(flavor=flavors[role], weights=weights[role], batch_size=batch)
                 for role in ENCODERS}  # fmt: skip
     run_encode(
         EncodeConfig(
-            shards=SourceConfig(kind="webdataset", path=str(root / "shards")), output_dir=str(root / "cache"),
+            shards=SourceConfig(kind="webdataset", path=str(shards)), output_dir=str(root / "cache"),
             preprocess=PreprocessConfig(mode="center", image_size_px=image_size_px), formats=("parquet",),
             **encoders,
         )
@@ -366,14 +363,6 @@ def ray_train(cache: Path, out: Path, stage_c: str, settings: Settings, steps: i
     }  # fmt: skip
 
 
-def _ray_init(**kwargs: Any) -> None:
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             **kwargs)  # fmt: skip
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| set | Stage C | cached step s | on-the-fly step s | speed-up (CPU s) | encoder s/sample (CPU s) "
@@ -442,23 +431,21 @@ def main() -> None:
     load_start = os.getloadavg()
     samples = photos.samples(args.images)
     results: dict[str, dict[str, Any]] = {}
+    import ray
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        import ray
-
-        _ray_init()
-        caches = {size: build_cache(root / size, SIZES[size], samples, args.image_size, args.batch)
-                  for size in args.sizes}  # fmt: skip
-        ray.shutdown()
+        with local_ray():
+            caches = {size: build_cache(root / size, SIZES[size], samples, args.image_size, args.batch)
+                      for size in args.sizes}  # fmt: skip
         for size in args.sizes:
             results[size] = in_fresh_process(size, caches[size], samples, settings)
             shown = ("cached_step_with_read_s", "on_the_fly_step_s", "speedup_on_the_fly_over_cached")
             print(f"{size}: {json.dumps({k: results[size][k] for k in shown})}", flush=True)
-        _ray_init(runtime_env={"worker_process_setup_hook": register_narrow})
-        for size in args.sizes:
-            results[size]["ray_train"] = ray_train(caches[size], root / size / "runs", SIZES[size]["stage_c"],
-                                                   settings, settings.ray_steps[size])  # fmt: skip
-        ray.shutdown()
+        with local_ray(runtime_env={"worker_process_setup_hook": register_narrow}):
+            for size in args.sizes:
+                results[size]["ray_train"] = ray_train(caches[size], root / size / "runs", SIZES[size]["stage_c"],
+                                                       settings, settings.ray_steps[size])  # fmt: skip
     flops = projection(results, args.image_size // 32)
     report = {
         "benchmark": "train", "command": " ".join(["python", *sys.argv]), "settings": dataclasses.asdict(settings),
