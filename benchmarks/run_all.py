@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py [--out benchmarks/results/all] [--only encode score train read]
 
-Runs, each in its own process with its own timeout (about 10 minutes in all on 2 CPU cores):
+Runs, each in its own process with its own timeout (7 to 9 minutes in all on 2 CPU cores):
 
 * ``encode.py --sizes mixed``: the encode pipeline against the bare model forwards (released-size effnet and
   CLIP-L, tiny CLIP-bigG text), and bytes on disk per sample against the raw tensor bytes;
