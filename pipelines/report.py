@@ -37,6 +37,7 @@ from pipelines.report_steps import (
 from pipelines.shards import write_bytes
 from pipelines.sources import SourceConfig, caption_text, list_shards, read_shard
 from pipelines.step import Batch, Resources
+from schemas import FileMetadata
 from schemas import columns as c
 
 ENCODER_VERSION = "encoder_version"
@@ -130,7 +131,6 @@ def _share(wanted: int, taken: int, sources_left: int) -> int:
 def sample_cache(config: ReportConfig) -> list[dict[str, Any]]:
     """Seeded rows of a latent cache: key, caption, source shard, bucket, encoder version, effnet, pooled text."""
     from pipelines.latents_reader import list_latent_files, read_latent_table, table_to_batch
-    from schemas.core import FileMetadata
 
     options = config.input_options()
     files = list_latent_files(config.latents, config.latents_format, options)

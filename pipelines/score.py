@@ -151,6 +151,7 @@ class ScoreSamples(Step):
 
     def __call__(self, batch: Batch) -> Batch:
         out = self._outputs(len(batch[KEY]))
+        batch[CAPTION] = np.asarray([caption_text(c) for c in batch[CAPTION]], dtype=object)  # text once
         rows, images = [], []
         for i in healthy(batch):
             try:
@@ -161,22 +162,20 @@ class ScoreSamples(Step):
             rows.append(i)
             images.append(self.torch.from_numpy(to_float_chw(rgb)))
         if rows:
-            captions = [caption_text(batch[CAPTION][i]) for i in rows]
-            result = self.scorer.score(images, captions)
+            result = self.scorer.score(images, [batch[CAPTION][i] for i in rows])
             out[CLIP_IMAGE_EMBEDS][rows] = result.image_embeds.cpu().numpy()
             out[AESTHETIC_SCORE][rows] = result.aesthetic.cpu().numpy()
             out[CLIP_SIMILARITY][rows] = result.clip_similarity.cpu().numpy()
         for j, i in enumerate(rows):
             h, w = images[j].shape[-2:]
             out[WIDTH][i], out[HEIGHT][i], out[ASPECT_RATIO][i] = w, h, w / h
-            out[CAPTION_LENGTH][i] = len(caption_text(batch[CAPTION][i]))
+            out[CAPTION_LENGTH][i] = len(batch[CAPTION][i])
             try:
                 meta = json.loads(batch[META_JSON][i] or "{}")
             except json.JSONDecodeError:
                 meta = {}
             for column, names in META_FIELDS.items():
                 out[column][i] = _meta_value(meta if isinstance(meta, dict) else {}, names)
-        batch[CAPTION] = np.asarray([caption_text(c) for c in batch[CAPTION]], dtype=object)
         return batch | out
 
 

@@ -26,10 +26,8 @@ def run_with_node_kill(job: str, shards: Path, out: Path) -> dict:
     report = json.loads(line.removeprefix("NODE_KILL_RESULT "))
     assert report["killed_at"] is not None and report["killed_at"] < report["finished_at"], report
     assert report["alive"] == 2
-    if job == "encode":
-        assert report["done_before"] < N_SHARDS, (
-            report
-        )  # killed mid-job: parts staged, not every shard committed
+    if job == "encode":  # killed mid-job: parts staged, not every shard committed
+        assert report["done_before"] < N_SHARDS, report
     return report
 
 
