@@ -42,8 +42,8 @@ def bare_seconds_per_sample(
     flavors: dict[str, str], samples, batch: int, threads: int, reps: int
 ) -> dict[str, float]:
     """Seconds per sample of each model's forward on one preprocessed batch (median of ``reps``)."""
-    from pipelines.images import decode_rgb, to_float_chw
-    from pipelines.preprocess import PreprocessConfig, crop_for_encoding
+    from pipelines.core.images import decode_rgb, to_float_chw
+    from pipelines.core.preprocess import PreprocessConfig, crop_for_encoding
     from stages.flavors import build_model
 
     torch.set_num_threads(threads)
@@ -65,10 +65,10 @@ def bare_seconds_per_sample(
 
 def pipeline(flavors, weights, root: Path, batch: int) -> dict:
     """The encode job once; its steady rate from the parts it wrote (start-up and pipeline fill excluded)."""
-    from pipelines.encode import EncodeConfig, run_encode
-    from pipelines.encode_models import EncoderConfig
-    from pipelines.sources import SourceConfig
-    from pipelines.step import Resources
+    from pipelines.core.sources import SourceConfig
+    from pipelines.core.step import Resources
+    from pipelines.encode.models import EncoderConfig
+    from pipelines.encode.pipeline import EncodeConfig, run_encode
 
     actor = Resources(num_cpus=0.5, concurrency=1, batch_size=batch)
     encoders = {
@@ -98,7 +98,7 @@ def bytes_ratio(out: Path) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.latents_io import parquet_bytes
+    from pipelines.core.latents_io import parquet_bytes
 
     files = sorted((out / "parquet").glob("*.parquet"))
     written = pa.concat_tables([pq.read_table(f) for f in files])
@@ -119,7 +119,7 @@ def bytes_ratio(out: Path) -> dict[str, float]:
 
 def _raw(table) -> int:
     """Bytes of the table's tensors as raw arrays of their stored dtype."""
-    from pipelines.latents_io import tensor_columns
+    from pipelines.core.latents_io import tensor_columns
     from schemas.tensors import tensor_to_numpy
 
     return sum(int(tensor_to_numpy(table[name]).nbytes) for name in tensor_columns(table))

@@ -61,8 +61,8 @@ def _plain_img2dataset(list_path: Path, out: Path, args) -> int:
 
 
 def _ingest(list_path: Path, out: Path, args, distributor: str) -> int:
-    from pipelines.ingest_urls import UrlIngestConfig, ingest_urls
-    from pipelines.ssrf import UrlPolicy
+    from pipelines.ingest.ssrf import UrlPolicy
+    from pipelines.ingest.urls import UrlIngestConfig, ingest_urls
 
     config = UrlIngestConfig(
         input_path=str(list_path),

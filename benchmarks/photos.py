@@ -25,7 +25,7 @@ def samples(n: int) -> list[tuple[str, bytes, str]]:
 
 
 def write_tar(path: Path, rows: list[tuple[str, bytes, str]]) -> None:
-    from pipelines.shards import members_tar_bytes
+    from pipelines.core.shards import members_tar_bytes
 
     path.write_bytes(
         members_tar_bytes((key, {"jpg": image, "txt": caption.encode()}) for key, image, caption in rows)
@@ -37,8 +37,8 @@ def ingest(samples: list[tuple[str, bytes, str]], root: Path, per_shard: int) ->
 
     Returns the folder of the ingested shards, ``root/shards``.
     """
-    from pipelines.ingest import IngestConfig, run_ingest
-    from pipelines.sources import SourceConfig
+    from pipelines.core.sources import SourceConfig
+    from pipelines.ingest.existing import IngestConfig, run_ingest
 
     (root / "src").mkdir(parents=True)
     for i in range(0, len(samples), per_shard):

@@ -7,9 +7,9 @@ clip_img 768, float16; random values, which compress like real latents: barely) 
 of one bucket with ``write_latent_files`` (Parquet and WebDataset), then times, best of ``--repeats``:
 
 * raw: ``pyarrow.parquet.read_table`` of each file and its tensor columns as NumPy arrays (zero-copy);
-* cache (Parquet): ``pipelines.latents_reader.read_latents`` (footer and schema validation, NumPy batches);
+* cache (Parquet): ``pipelines.core.latents_reader.read_latents`` (footer and schema validation, NumPy batches);
 * cache (WebDataset): the same reader over the tars;
-* training batches: ``pipelines.train_data.window_micro_batches`` for a whole epoch (shuffle, stack).
+* training batches: ``pipelines.train_data.batches.window_micro_batches`` for a whole epoch (shuffle, stack).
 
 Ratios are rows/s of each path over the raw read (goal for the cache reader: ≥ 0.5), plus bytes on disk per
 sample over the raw tensor bytes (goal ≤ 1.05).
@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from safetensors.numpy import save
 
-from pipelines.latents_io import to_latent_table, write_latent_files
-from pipelines.latents_reader import list_latent_files, read_latents
+from pipelines.core.latents_io import to_latent_table, write_latent_files
+from pipelines.core.latents_reader import list_latent_files, read_latents
 from schemas import columns as c
 from schemas.core import FileMetadata
 
@@ -80,7 +80,13 @@ def reader(root: Path, fmt: str) -> None:
 
 def training_epoch(root: Path, batch: int) -> int:
     """Every micro-batch of one epoch through the training data path (1 rank); returns the rows it yielded."""
-    from pipelines.train_data import ReadSpec, TrainDataConfig, open_cache, plan_windows, window_micro_batches
+    from pipelines.train_data.batches import (
+        ReadSpec,
+        TrainDataConfig,
+        open_cache,
+        plan_windows,
+        window_micro_batches,
+    )
 
     cache = open_cache(TrainDataConfig(path=str(root), empty_caption=str(root / "empty_caption.safetensors")))
     steps = sum(f.num_rows for f in cache.files) // batch

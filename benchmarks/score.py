@@ -41,7 +41,7 @@ def bare_forward(
     flavor: str, samples, batch: int, threads: int, reps: int, clip: str | None, head: str | None
 ) -> float:
     """Images/s of ClipScorer.score on one batch of decoded images (median of ``reps``; the physical limit)."""
-    from pipelines.images import decode_rgb, to_float_chw
+    from pipelines.core.images import decode_rgb, to_float_chw
     from stages.scorers import FLAVORS, ClipScorer
 
     torch.set_num_threads(threads)
@@ -62,9 +62,9 @@ def pipeline(
     flavor: str, root: Path, batch: int, actor_cpus: float, clip: str | None, head: str | None
 ) -> dict:
     """The score job once; its steady images/s from the parts it wrote (start-up and pipeline fill excluded)."""
-    from pipelines.score import ScoreConfig, ScorerConfig, run_score
-    from pipelines.sources import SourceConfig
-    from pipelines.step import Resources
+    from pipelines.core.sources import SourceConfig
+    from pipelines.core.step import Resources
+    from pipelines.score.pipeline import ScoreConfig, ScorerConfig, run_score
 
     config = ScoreConfig(
         shards=SourceConfig(kind="webdataset", path=str(root / "shards" / "*.tar"), batch_rows=batch),

@@ -107,10 +107,10 @@ class Settings:
 # --- the cache ----------------------------------------------------------------------------------------------
 def build_cache(root: Path, flavors: dict[str, str], samples: list, image_size_px: int, batch: int) -> Path:
     """Ingest the photos and encode them with the set's encoders (Ray must be up); returns the cache."""
-    from pipelines.encode import EncodeConfig, run_encode
-    from pipelines.encode_models import EncoderConfig
-    from pipelines.preprocess import PreprocessConfig
-    from pipelines.sources import SourceConfig
+    from pipelines.core.preprocess import PreprocessConfig
+    from pipelines.core.sources import SourceConfig
+    from pipelines.encode.models import EncoderConfig
+    from pipelines.encode.pipeline import EncodeConfig, run_encode
 
     shards = photos.ingest(samples, root, per_shard=len(samples))
     weights = save_random_weights({r: flavors[r] for r in ENCODERS}, root / "weights")
@@ -130,7 +130,7 @@ def train_config(
     cache: Path, out: Path, stage_c: str, settings: Settings, max_steps: int, log_every: int = 1
 ) -> Any:
     from jobs.train_config import ScalingSpec, TrainConfig
-    from pipelines.train_data import TrainDataConfig
+    from pipelines.train_data.batches import TrainDataConfig
 
     return TrainConfig(
         data=TrainDataConfig(path=str(cache)), output_dir=str(out), flavor=stage_c,
@@ -251,9 +251,9 @@ def measure(size: str, cache: str, samples: list, settings: Settings, queue: Any
     """Everything in-process for one set (run in a fresh spawned process); puts the result on ``queue``."""
     from jobs.train import check_train, read_spec
     from jobs.train_loop import TrainLoop, World
-    from pipelines.images import decode_rgb, to_float_chw
-    from pipelines.preprocess import PreprocessConfig, crop_for_encoding
-    from pipelines.train_data import window_micro_batches
+    from pipelines.core.images import decode_rgb, to_float_chw
+    from pipelines.core.preprocess import PreprocessConfig, crop_for_encoding
+    from pipelines.train_data.batches import window_micro_batches
     from stages.flavors import build_model
     from stages.objective import CLIP_IMG_PROBABILITY
 

@@ -1,6 +1,6 @@
-"""``cascade submit`` and ``cascade cluster {status,logs,stop,list}``: parsers and handlers for jobs.cli.
+"""``cascade cluster {status,logs,stop,list}``: parsers and handlers for the ``cascade`` command line.
 
-Wire-up: ``from cluster.cli import add_parsers; add_parsers(sub)`` inside ``jobs.cli.build_parser``. Each
+Wire-up: ``from cluster.cli import add_parsers; add_parsers(sub)`` inside ``jobs.cli.build_parser``. The
 parser sets ``func`` to a handler ``(argparse.Namespace) -> int``. Errors are ValueError (bad input, exit 2)
 or RuntimeError (``ClusterError``: unreachable/refused, or a followed job that failed; exit 1), as
 ``jobs.cli.main`` expects. The auth token is read from ``RAY_AUTH_TOKEN`` only, never from a flag (flags
@@ -21,25 +21,13 @@ def _default_address() -> str:
     return os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
 
 
-def _add_address(p: argparse.ArgumentParser) -> None:
+def add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address",
         default=_default_address(),
         help="Ray dashboard / Jobs API URL (default: RAY_API_SERVER_ADDRESS, else %(default)s); "
         "token auth: set RAY_AUTH_TOKEN",
     )
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    """``cascade submit``: prints the submission id last."""
-    from cluster.submit import submit
-
-    sid = submit(
-        args.job, args.config, list(args.set or ()), args.address, image=args.image, pip=not args.no_pip,
-        follow=args.follow, submission_id=args.submission_id,
-    )  # fmt: skip
-    print(sid)
-    return 0
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -60,23 +48,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``submit`` and ``cluster`` on the ``cascade`` subparsers."""
-    p = sub.add_parser(
-        "submit",
-        help="submit a job (ingest, score, filter, encode, train-*) to a Ray cluster via the Jobs API",
-        description="Upload the code (or use --image), send the YAML config with the job, and run "
-        "`cascade JOB --config ...` on the cluster.",
-    )
-    p.add_argument("job", help="the cascade job to run, e.g. encode")
-    p.add_argument("--config", help="YAML file with the job config (it travels with the job)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
-    _add_address(p)
-    p.add_argument("--image", default=None, help="container image with the project installed (Ray image_uri)")
-    p.add_argument("--no-pip", action="store_true", help="the cluster nodes already have the dependencies")
-    p.add_argument("--follow", action="store_true", help="stream the logs; exit 1 unless the job succeeds")
-    p.add_argument("--submission-id", default=None, help="your own unique id for the job")
-    p.set_defaults(func=cmd_submit)
-
+    """Register ``cluster`` on the ``cascade`` subparsers."""
     c = sub.add_parser("cluster", help="status, logs, stop or list jobs on a Ray cluster")
     actions = c.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("status", "print a job's status"), ("logs", "print a job's logs"),
@@ -86,5 +58,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             a.add_argument("submission_id")
         if action == "logs":
             a.add_argument("--follow", action="store_true", help="stream until the job ends")
-        _add_address(a)
+        add_address(a)
         a.set_defaults(func=cmd_cluster)

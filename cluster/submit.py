@@ -1,11 +1,7 @@
-"""Submit ``cascade`` jobs to a Ray cluster through the Ray Jobs API, and follow, stop and list them.
+"""Submit a shell entrypoint to a Ray cluster through the Ray Jobs API, and follow, stop and list jobs.
 
-How the config travels: the YAML file's text goes into the job's ``runtime_env.env_vars`` as
-``CASCADE_JOB_CONFIG_YAML`` (it is small; ``MAX_CONFIG_BYTES``). The entrypoint
-``python -m cluster.entrypoint <job> [--set K=V ...]`` writes it to a file on the cluster and runs
-``cascade <job> --config <file> [--set K=V ...]`` there. This works the same with a working_dir upload and
-with a container image (where Ray 2.60 allows no working_dir). The config is checked locally before
-anything is submitted, so a bad field fails here with its name.
+This module knows nothing of cascade's job configs: ``jobs.submit`` checks a job's config, builds the
+entrypoint and the environment it travels in, and calls ``submit`` here.
 
 The address is the dashboard / Jobs API URL (``http://127.0.0.1:8265`` through ``kubectl port-forward`` or
 ``ray dashboard``); an explicit address wins over ``RAY_ADDRESS`` / ``RAY_API_SERVER_ADDRESS``. On a
@@ -17,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -27,8 +22,6 @@ from typing import Any, TextIO
 
 from cluster.runtime_env import build_runtime_env, format_runtime_env, redact_text
 
-CONFIG_ENV_VAR = "CASCADE_JOB_CONFIG_YAML"
-MAX_CONFIG_BYTES = 64 * 1024
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
@@ -120,34 +113,6 @@ def _call(address: str, fn: Any, *args: Any) -> Any:
         ) from None
 
 
-def job_entrypoint(job: str, overrides: Sequence[str] = ()) -> str:
-    """The shell command run on the cluster: ``python -m cluster.entrypoint <job> [--set K=V ...]``."""
-    words = ["python", "-m", "cluster.entrypoint", job]
-    for item in overrides:
-        words += ["--set", item]
-    return shlex.join(words)
-
-
-def check_job_config(job: str, config_path: str | Path | None, overrides: Sequence[str]) -> None:
-    """Build the job's config locally exactly as ``cascade <job>`` will (ValueError naming the field)."""
-    from jobs.config import load_config
-    from jobs.pipeline_jobs import JOBS
-
-    if job not in JOBS:
-        raise ValueError(f"unknown job {job!r}; jobs: {', '.join(JOBS)}")
-    load_config(JOBS[job].config_cls, config_path, [*overrides, *JOBS[job].fixed])
-
-
-def _read_config(config_path: str | Path) -> str:
-    path = Path(config_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {config_path}: no such file")
-    text = path.read_text()
-    if len(text.encode()) > MAX_CONFIG_BYTES:
-        raise ValueError(f"config {config_path} is over {MAX_CONFIG_BYTES // 1024} KiB; keep data out of it")
-    return text
-
-
 def submit_entrypoint(
     entrypoint: str, address: str, runtime_env: dict[str, Any], *, submission_id: str | None = None,
     token: str | None = None, metadata: dict[str, str] | None = None,
@@ -163,41 +128,34 @@ def submit_entrypoint(
 
 
 def submit(
-    job: str, config_path: str | None, overrides: list[str], address: str, *, image: str | None = None,
+    entrypoint: str, address: str, *, env_vars: dict[str, str] | None = None, image: str | None = None,
     pip: bool = True, follow: bool = False, submission_id: str | None = None, token: str | None = None,
-    validate: bool = True, out: TextIO | None = None,
+    metadata: dict[str, str] | None = None, out: TextIO | None = None,
 ) -> str:  # fmt: skip
-    """Submit ``cascade <job> --config <config_path> [--set ...]`` to the cluster at ``address``.
+    """Submit the shell ``entrypoint`` to the cluster at ``address``, with the project as its runtime_env.
 
     Args:
-        job: a ``cascade`` job (``ingest``, ``score``, ``filter``, ``encode``, ``train-c``, ...).
-        config_path: the job's YAML file (its text travels with the job), or None for ``--set`` only.
-        overrides: ``KEY=VALUE`` strings, applied on the cluster as ``--set``.
+        entrypoint: the command the cluster runs (e.g. ``python -m jobs.entrypoint encode``).
         address: the Ray dashboard / Jobs API URL, e.g. ``http://127.0.0.1:8265``.
+        env_vars: environment variables the job gets (besides the offline switches).
         image: container image with the project installed (Ray ``image_uri``; no upload, no pip).
         pip: install the project's requirements on the cluster (False: the nodes have them).
         follow: stream the logs until the job ends; raise RuntimeError unless it SUCCEEDED.
         submission_id: an id of your choosing (Ray refuses a duplicate), default: Ray generates one.
         token: Ray auth token for ``RAY_AUTH_MODE=token`` clusters (default: ``RAY_AUTH_TOKEN``).
-        validate: build the config locally first, so a bad field fails before submission.
+        metadata: job metadata shown by ``ray job list``.
         out: where progress and followed logs go (default: stdout).
 
     Returns:
         The submission id.
     """
     out = out or sys.stdout
-    config_text = _read_config(config_path) if config_path is not None else None
-    if validate:
-        check_job_config(job, config_path, overrides)
-    env_vars = {CONFIG_ENV_VAR: config_text} if config_text is not None else {}
-    runtime_env = build_runtime_env(image=image, pip=pip, env_vars=env_vars)
-    entrypoint = job_entrypoint(job, overrides)
+    runtime_env = build_runtime_env(image=image, pip=pip, env_vars=env_vars or {})
     print(f"submitting to {api_url(address)}: {redact_text(entrypoint)}", file=out)
     print(f"runtime_env: {format_runtime_env(runtime_env)}", file=out)
     sid = submit_entrypoint(
-        entrypoint, address, runtime_env, submission_id=submission_id, token=token,
-        metadata={"cascade_job": job},
-    )  # fmt: skip
+        entrypoint, address, runtime_env, submission_id=submission_id, token=token, metadata=metadata
+    )
     print(f"submitted {sid}", file=out)
     if follow:
         logs(address, sid, follow=True, token=token, out=out)

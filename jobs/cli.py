@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_job_parsers(sub)
     from cluster.cli import add_parsers as add_cluster_parsers
+    from jobs.submit import add_submit_parser
 
+    add_submit_parser(sub)
     add_cluster_parsers(sub)
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("doctor", "print versions, flavors, the Ray status and whether CUDA is present", _cmd_doctor),

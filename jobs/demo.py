@@ -18,17 +18,17 @@ from typing import Any
 
 from jobs.pipeline_jobs import JOBS, IngestJobConfig, init_ray
 from jobs.train_config import PreviewConfig, TrainConfig
-from pipelines.encode import EncodeConfig
-from pipelines.encode_models import EncoderConfig
-from pipelines.export import ExportConfig
-from pipelines.filter import FilterConfig, Rule
-from pipelines.ingest import IngestConfig
-from pipelines.preprocess import PreprocessConfig
-from pipelines.report import ReportConfig
-from pipelines.report_steps import ReconstructConfig
-from pipelines.score import ScoreConfig, ScorerConfig
-from pipelines.sources import SourceConfig
-from pipelines.train_data import TrainDataConfig
+from pipelines.core.preprocess import PreprocessConfig
+from pipelines.core.sources import SourceConfig
+from pipelines.encode.models import EncoderConfig
+from pipelines.encode.pipeline import EncodeConfig
+from pipelines.export.pipeline import ExportConfig
+from pipelines.filter.pipeline import FilterConfig, Rule
+from pipelines.ingest.existing import IngestConfig
+from pipelines.report.pipeline import ReportConfig
+from pipelines.report.steps import ReconstructConfig
+from pipelines.score.pipeline import ScoreConfig, ScorerConfig
+from pipelines.train_data.batches import TrainDataConfig
 from stages.image_metrics import LpipsConfig
 
 PHOTOS = Path(__file__).resolve().parent / "demo_data"

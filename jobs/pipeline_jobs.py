@@ -15,13 +15,13 @@ from typing import Any
 
 from jobs.train import check_train, run_train
 from jobs.train_config import TrainConfig
-from pipelines.encode import EncodeConfig, run_encode
-from pipelines.export import ExportConfig, run_export
-from pipelines.filter import FilterConfig, run_filter
-from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.ingest_urls import UrlIngestConfig, ingest_urls
-from pipelines.report import ReportConfig, run_report
-from pipelines.score import ScoreConfig, run_score
+from pipelines.encode.pipeline import EncodeConfig, run_encode
+from pipelines.export.pipeline import ExportConfig, run_export
+from pipelines.filter.pipeline import FilterConfig, run_filter
+from pipelines.ingest.existing import IngestConfig, run_ingest
+from pipelines.ingest.urls import UrlIngestConfig, ingest_urls
+from pipelines.report.pipeline import ReportConfig, run_report
+from pipelines.score.pipeline import ScoreConfig, run_score
 
 
 @dataclass(frozen=True, kw_only=True)

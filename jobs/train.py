@@ -3,7 +3,7 @@
 ``check_train`` runs before Ray starts and refuses a bad config with the field named: an unknown flavor, a
 missing cache or weights file, a cache whose tensor shapes do not fit the model, a ControlNet that does not
 fit the Stage C, a resume checkpoint from another run. ``run_train`` then plans the data (see
-``pipelines.train_data``), builds one ordered Ray Dataset per rank and fits a ``TorchTrainer`` whose workers
+``pipelines.train_data.batches``), builds one ordered Ray Dataset per rank and fits a ``TorchTrainer`` whose workers
 run ``jobs.train_loop.TrainLoop`` (DDP on gloo or nccl; FSDP on request). Checkpoints are Ray Train
 checkpoints named ``checkpoint_<step>`` under ``{output_dir}/{experiment_id}``; a rerun of the same config
 resumes from the newest one exactly (same batches, same random draws).
@@ -21,7 +21,7 @@ import fsspec
 
 from jobs.train_checkpoint import STATE_FILE
 from jobs.train_config import TrainConfig
-from pipelines.train_data import (
+from pipelines.train_data.batches import (
     Cache,
     ReadSpec,
     WindowPlan,
@@ -30,7 +30,7 @@ from pipelines.train_data import (
     plan_windows,
     rank_datasets,
 )
-from pipelines.train_images import crop_spec
+from pipelines.train_data.crops import crop_spec
 from schemas import columns as c
 from stages.flavors import get_flavor
 

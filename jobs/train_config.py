@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pipelines.sources import SourceConfig
-from pipelines.train_data import TrainDataConfig
+from pipelines.core.sources import SourceConfig
+from pipelines.train_data.batches import TrainDataConfig
 
 MODES = ("stage_c", "lora", "controlnet")
 STRATEGIES = ("ddp", "fsdp")

@@ -1,7 +1,7 @@
 """The training loop one worker runs: the official Stage C step on cached tensors, accumulation, checkpoints.
 
 It needs no Ray: ``World`` says who this worker is (rank, size, device) and how it reports, and the batches
-are any iterator of micro-batches from ``pipelines.train_data``. ``jobs.train`` runs it on Ray Train
+are any iterator of micro-batches from ``pipelines.train_data.batches``. ``jobs.train`` runs it on Ray Train
 workers (DDP over gloo or nccl); tests run it in-process.
 
 Per micro-batch ``(step, micro)`` the RNG is seeded from ``(seed, step, micro)``, so caption dropout, image
@@ -33,8 +33,8 @@ from torch import nn
 
 from jobs.train_checkpoint import read_checkpoint, write_checkpoint
 from jobs.train_config import TrainConfig
-from pipelines.latents_reader import to_float32
-from pipelines.train_data import IMAGES, MicroBatch
+from pipelines.core.latents_reader import to_float32
+from pipelines.train_data.batches import IMAGES, MicroBatch
 from schemas import columns as c
 from stages.ema import update_weights_ema
 from stages.flavors import build_model

@@ -22,8 +22,8 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 
-from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.sources import SourceConfig
+from pipelines.core.sources import SourceConfig
+from pipelines.ingest.existing import IngestConfig, run_ingest
 from tests.conftest import REPO_ROOT
 from tests.pipelines.photos import captions, jpeg, photo_tar
 from tests.s3 import moto_endpoint

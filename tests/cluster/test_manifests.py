@@ -44,9 +44,9 @@ def _cluster_specs() -> list[dict]:
 
 
 def _cascade_job(entrypoint: str) -> str:
-    """The job a ``python -m jobs.cli JOB ...`` / ``python -m cluster.entrypoint JOB ...`` command runs."""
+    """The job a ``python -m jobs.cli JOB ...`` / ``python -m jobs.entrypoint JOB ...`` command runs."""
     words = shlex.split(entrypoint)
-    assert words[:2] == ["python", "-m"] and words[2] in ("jobs.cli", "cluster.entrypoint"), entrypoint
+    assert words[:2] == ["python", "-m"] and words[2] in ("jobs.cli", "jobs.entrypoint"), entrypoint
     return words[3]
 
 
@@ -138,7 +138,7 @@ def test_launcher_binds_the_dashboard_to_localhost_and_uses_gpu_workers() -> Non
 
 
 def test_submit_entrypoints_name_real_jobs() -> None:
-    from cluster.submit import job_entrypoint
+    from jobs.submit import job_entrypoint
 
     for name in JOBS:
         assert _cascade_job(job_entrypoint(name, ["a.b=1"])) == name

@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.cli import add_parsers
-from cluster.entrypoint import main as entrypoint_main
 from cluster.runtime_env import (
     BASE_ENV_VARS,
     REPO_ROOT,
@@ -21,7 +20,9 @@ from cluster.runtime_env import (
     working_dir_excludes,
     working_dir_files,
 )
-from cluster.submit import CONFIG_ENV_VAR, api_url, job_entrypoint
+from cluster.submit import api_url
+from jobs.entrypoint import main as entrypoint_main
+from jobs.submit import CONFIG_ENV_VAR, add_submit_parser, job_entrypoint
 from tests.cluster.scores import write_scores
 
 
@@ -33,7 +34,7 @@ def test_default_runtime_env_uploads_the_code_and_pins_the_requirements() -> Non
     assert "torch==2.14.1" in packages and "pyarrow==26.0.1" in packages
     assert not any(p.lower().startswith("ray") for p in packages)  # the cluster's own Ray runs the job
     files = dict(working_dir_files(REPO_ROOT, env["excludes"]))
-    assert "jobs/cli.py" in files and "cluster/entrypoint.py" in files and "pyproject.toml" in files
+    assert "jobs/cli.py" in files and "jobs/entrypoint.py" in files and "pyproject.toml" in files
     assert not any(f.startswith((".venv/", ".git/", "tests/")) or "__pycache__" in f for f in files)
     assert sum(files.values()) < 20 * 2**20
 
@@ -96,7 +97,7 @@ def test_addresses_and_entrypoint() -> None:
     with pytest.raises(ValueError, match="http"):
         api_url("ray://head:10001")
     assert job_entrypoint("filter", ["rules=[{field: width, op: '>=', value: 5}]"]) == (
-        "python -m cluster.entrypoint filter --set 'rules=[{field: width, op: '\"'\"'>='\"'\"', value: 5}]'"
+        "python -m jobs.entrypoint filter --set 'rules=[{field: width, op: '\"'\"'>='\"'\"', value: 5}]'"
     )
 
 
@@ -112,7 +113,9 @@ def test_entrypoint_runs_the_job_from_the_travelled_config(tmp_path, monkeypatch
 
 def test_cli_parsers() -> None:
     parser = argparse.ArgumentParser(prog="cascade")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_submit_parser(sub)
+    add_parsers(sub)
     args = parser.parse_args(
         ["submit", "encode", "--config", "e.yaml", "--set", "a=1", "--no-pip", "--follow"]
     )

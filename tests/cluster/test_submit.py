@@ -1,4 +1,4 @@
-"""Real job submission: a real Ray head with the dashboard and token auth, jobs sent through cluster.submit."""
+"""Real job submission: a real Ray head with the dashboard and token auth, jobs sent through jobs.submit."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from cluster import submit as api
 from cluster.runtime_env import build_runtime_env
+from jobs.submit import submit_job
 from tests.cluster.ray_head import free_ports, running_head
 from tests.cluster.scores import write_scores
 
@@ -41,7 +42,7 @@ def test_filter_job_runs_on_the_cluster_with_its_config(head, tmp_path, fake_sec
     )
     out = io.StringIO()
     start = time.monotonic()
-    sid = api.submit(
+    sid = submit_job(
         "filter", str(config), [f"output_dir={tmp_path / 'kept'}"], head.address, pip=False, follow=True,
         submission_id=f"cascade-filter-{secrets.token_hex(4)}", token=head.token, out=out,
     )  # fmt: skip
@@ -54,7 +55,7 @@ def test_filter_job_runs_on_the_cluster_with_its_config(head, tmp_path, fake_sec
     assert not (tmp_path / "not-used").exists()
     assert "config from the submission" in logs
     printed = out.getvalue()
-    assert sid in printed and "cluster.entrypoint filter" in printed and '"working_dir"' in printed
+    assert sid in printed and "jobs.entrypoint filter" in printed and '"working_dir"' in printed
     raw = api.connect(head.address, head.token)
     info = raw.get_job_info(sid)
     assert "HF_HUB_OFFLINE" in info.runtime_env["env_vars"]

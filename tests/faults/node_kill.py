@@ -27,10 +27,10 @@ def main(job: str, shards: str, out: str) -> None:
     from ray.cluster_utils import Cluster
     from ray.data import DataContext
 
-    from pipelines.encode import EncodeConfig, run_encode
-    from pipelines.preprocess import PreprocessConfig
-    from pipelines.score import ScoreConfig, ScorerConfig, run_score
-    from pipelines.sources import SourceConfig
+    from pipelines.core.preprocess import PreprocessConfig
+    from pipelines.core.sources import SourceConfig
+    from pipelines.encode.pipeline import EncodeConfig, run_encode
+    from pipelines.score.pipeline import ScoreConfig, ScorerConfig, run_score
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     victim = cluster.add_node(num_cpus=2)

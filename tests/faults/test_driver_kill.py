@@ -90,7 +90,7 @@ def test_export_killed_and_rerun_lists_every_row_once(tmp_path) -> None:
     8-row files; the export is killed after its first file, rerun, and then holds each key once."""
     import json
 
-    from pipelines.latents_io import to_latent_table, write_latent_files
+    from pipelines.core.latents_io import to_latent_table, write_latent_files
     from tests.pipelines.test_latents_io import META, latent_rows
 
     shapes = {

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.latents_reader import list_latent_files
+from pipelines.core.latents_reader import list_latent_files
 from tests.conftest import REPO_ROOT
 from tests.pipelines.photos import photo_shards
 

@@ -9,8 +9,8 @@ from urllib.parse import urlparse
 import fsspec
 import pytest
 
-from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.sources import SourceConfig
+from pipelines.core.sources import SourceConfig
+from pipelines.ingest.existing import IngestConfig, run_ingest
 from tests.faults.flaky_proxy import FlakyProxy
 from tests.pipelines.photos import PHOTOS, photo_shards
 from tests.s3 import moto_endpoint

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from jobs.config import ConfigError, describe, load_config, parse_overrides
-from pipelines.filter import FilterConfig, Rule
-from pipelines.ingest import IngestConfig
+from pipelines.filter.pipeline import FilterConfig, Rule
+from pipelines.ingest.existing import IngestConfig
 
 
 def test_yaml_and_overrides(tmp_path) -> None:

@@ -22,7 +22,7 @@ import yaml
 from jobs.train import check_train, read_spec, run_train
 from jobs.train_checkpoint import read_checkpoint
 from jobs.train_config import ControlNetTrainConfig, EmaConfig, PreviewConfig, ScalingSpec, TrainConfig
-from pipelines.train_data import TrainDataConfig, window_micro_batches
+from pipelines.train_data.batches import TrainDataConfig, window_micro_batches
 from stages.flavors import build_model
 from tests.conftest import REPO_ROOT
 from tests.jobs.train_cache import build_cache

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.encode import EncodeConfig, run_encode
-from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.preprocess import PreprocessConfig
-from pipelines.sources import SourceConfig
+from pipelines.core.preprocess import PreprocessConfig
+from pipelines.core.sources import SourceConfig
+from pipelines.encode.pipeline import EncodeConfig, run_encode
+from pipelines.ingest.existing import IngestConfig, run_ingest
 from tests.pipelines.photos import captions, photo_tar
 
 CAPTIONED = ("chelsea", "astronaut", "rocket", "coffee", "camera", "page", "horse")

@@ -11,10 +11,10 @@ import sys
 def main(shards: str, output: str) -> None:
     import ray
 
-    from pipelines.encode import EncodeConfig, run_encode
-    from pipelines.encode_models import EncoderConfig
-    from pipelines.sources import SourceConfig
-    from pipelines.step import Resources
+    from pipelines.core.sources import SourceConfig
+    from pipelines.core.step import Resources
+    from pipelines.encode.models import EncoderConfig
+    from pipelines.encode.pipeline import EncodeConfig, run_encode
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -33,7 +33,7 @@ def jpeg(name: str, quality: int = 90) -> bytes:
 
 def photo_tar(names: tuple[str, ...] = PHOTOS) -> bytes:
     """The photos as a WebDataset tar (``name.jpg`` + ``name.txt``)."""
-    from pipelines.shards import members_tar_bytes
+    from pipelines.core.shards import members_tar_bytes
 
     return members_tar_bytes((n, {"jpg": jpeg(n), "txt": captions()[n].encode()}) for n in names)
 
@@ -41,7 +41,7 @@ def photo_tar(names: tuple[str, ...] = PHOTOS) -> bytes:
 def photo_shards(root, n_shards: int) -> set[str]:
     """``n_shards`` WebDataset shards ``NNNNN.tar`` of the photos, keys ``s<shard>_<name>`` unique across them;
     returns the keys."""
-    from pipelines.shards import members_tar_bytes
+    from pipelines.core.shards import members_tar_bytes
 
     root.mkdir(parents=True, exist_ok=True)
     keys: set[str] = set()

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.encode import EncodeConfig, run_encode
-from pipelines.encode_models import EncoderConfig
-from pipelines.images import decode_rgb, to_float_chw
-from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.latents_reader import read_latents
-from pipelines.preprocess import PreprocessConfig, crop_for_encoding
-from pipelines.shards import members_tar_bytes
-from pipelines.sources import SourceConfig
+from pipelines.core.images import decode_rgb, to_float_chw
+from pipelines.core.latents_reader import read_latents
+from pipelines.core.preprocess import PreprocessConfig, crop_for_encoding
+from pipelines.core.shards import members_tar_bytes
+from pipelines.core.sources import SourceConfig
+from pipelines.encode.models import EncoderConfig
+from pipelines.encode.pipeline import EncodeConfig, run_encode
+from pipelines.ingest.existing import IngestConfig, run_ingest
 from stages.flavors import build_model
 from tests.pipelines import corrupt
 from tests.pipelines.photos import PHOTOS, captions, jpeg
@@ -147,7 +147,7 @@ def test_resubmit_skips_committed_shards_and_stale_cache_is_refused(shards, enco
 
 
 def test_stage_a_latents_at_1024(shards, tmp_path) -> None:
-    from pipelines.preprocess import crop_for_stage_a
+    from pipelines.core.preprocess import crop_for_stage_a
 
     config = _config(shards, tmp_path / "a", stage_a=EncoderConfig(flavor="stage_a/tiny"), formats=("parquet",),
                      dtype="float32")  # fmt: skip
@@ -244,7 +244,7 @@ def test_sigkill_driver_then_resubmit_gives_the_uninterrupted_output(ray_local, 
 def test_reuses_the_clip_embeddings_that_score_stored(shards, tmp_path) -> None:
     import pyarrow.dataset as pads
 
-    from pipelines.score import ScoreConfig, ScorerConfig, run_score
+    from pipelines.score.pipeline import ScoreConfig, ScorerConfig, run_score
 
     run_score(ScoreConfig(shards=SourceConfig(kind="webdataset", path=str(shards)), output_dir=str(tmp_path / "scores"),
                           scorer=ScorerConfig(flavor="clip_score/tiny")))  # fmt: skip

@@ -17,15 +17,15 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.export import MANIFEST, MODEL_KEY, ExportConfig, file_schema, run_export
-from pipelines.latents_io import parquet_bytes, to_latent_table
-from pipelines.latents_reader import (
+from pipelines.core.latents_io import parquet_bytes, to_latent_table
+from pipelines.core.latents_reader import (
     list_latent_files,
     read_file_metadata,
     read_latent_table,
     read_latents,
     table_to_batch,
 )
+from pipelines.export.pipeline import MANIFEST, MODEL_KEY, ExportConfig, file_schema, run_export
 from schemas import columns as c
 from schemas import validate_table
 from tests.jobs.train_cache import build_cache

@@ -1,4 +1,4 @@
-"""pipelines.images: safe probing/decoding of untrusted bytes, on generated bad inputs and real web images."""
+"""pipelines.core.images: safe probing/decoding of untrusted bytes, on generated bad inputs and real web images."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from pipelines.images import (
+from pipelines.core.images import (
     ImageError,
     ImageInfo,
     check_geometry,

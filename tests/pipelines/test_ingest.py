@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.plan import PlanError
-from pipelines.sources import SourceConfig, list_shards, read_shard
+from pipelines.core.plan import PlanError
+from pipelines.core.sources import SourceConfig, list_shards, read_shard
+from pipelines.ingest.existing import IngestConfig, run_ingest
 from tests.pipelines import corrupt
 from tests.pipelines.photos import PHOTOS, captions, jpeg, photo_tar
 

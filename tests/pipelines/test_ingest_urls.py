@@ -15,8 +15,8 @@ import pytest
 import ray
 from PIL import Image
 
-from pipelines.ingest_urls import REJECTS_SCHEMA, UrlIngestConfig, ingest_urls, read_url_list, short_reason
-from pipelines.ssrf import UrlPolicy
+from pipelines.ingest.ssrf import UrlPolicy
+from pipelines.ingest.urls import REJECTS_SCHEMA, UrlIngestConfig, ingest_urls, read_url_list, short_reason
 from tests.pipelines.http_server import PhotoServer, photos
 
 LAION = Path(__file__).resolve().parents[1] / "data" / "laion_urls_200.parquet"

@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 import safetensors
 
-from pipelines.latents_io import (
+from pipelines.core.latents_io import (
     METADATA_MEMBER,
     parquet_bytes,
     to_latent_table,
     webdataset_bytes,
     write_latent_files,
 )
-from pipelines.latents_reader import (
+from pipelines.core.latents_reader import (
     LatentFileError,
     as_ray_dataset,
     list_latent_files,

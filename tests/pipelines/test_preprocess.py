@@ -1,4 +1,4 @@
-"""pipelines.preprocess: the official Stable Cascade crop/bucket path, frozen to deterministic center crops."""
+"""pipelines.core.preprocess: the official Stable Cascade crop/bucket path, frozen to deterministic center crops."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F1
 
-from pipelines.images import decode_rgb, to_float_chw
-from pipelines.preprocess import (
+from pipelines.core.images import decode_rgb, to_float_chw
+from pipelines.core.preprocess import (
     OFFICIAL_RATIOS,
     CropResult,
     PreprocessConfig,
@@ -123,7 +123,7 @@ def test_choose_bucket_on_photo_sizes():
 
 
 def test_choose_bucket_and_resize_match_official_float_code():
-    from pipelines.preprocess import _cover_short_side
+    from pipelines.core.preprocess import _cover_short_side
 
     sizes, ratios = official_sizes_and_ratios()
     for h in range(40, 4000, 53):

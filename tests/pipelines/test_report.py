@@ -15,15 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.encode_models import EncoderConfig
-from pipelines.encode_steps import PIXELS
-from pipelines.plan import Plan, PlannedStep
-from pipelines.preprocess import PreprocessConfig
-from pipelines.report import ReportConfig, run_report
-from pipelines.report_steps import RECON_PNG, CacheCrops, Reconstruct, ReconstructConfig
-from pipelines.shards import members_tar_bytes
-from pipelines.sources import SourceConfig
-from pipelines.train_images import CropSpec
+from pipelines.core.plan import Plan, PlannedStep
+from pipelines.core.preprocess import PreprocessConfig
+from pipelines.core.shards import members_tar_bytes
+from pipelines.core.sources import SourceConfig
+from pipelines.encode.models import EncoderConfig
+from pipelines.encode.steps import PIXELS
+from pipelines.report.pipeline import ReportConfig, run_report
+from pipelines.report.steps import RECON_PNG, CacheCrops, Reconstruct, ReconstructConfig
+from pipelines.train_data.crops import CropSpec
 from schemas.columns import CLIP_TEXT_POOLED, EFFNET, KEY, REJECT_REASON, SOURCE_SHARD
 from stages.flavors import build_model
 from stages.image_metrics import ImageMetrics, LpipsConfig, build_lpips

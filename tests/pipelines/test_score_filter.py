@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.filter import FilterConfig, Rule, run_filter
-from pipelines.images import decode_rgb, to_float_chw
-from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.plan import Plan, PlanError, PlannedStep
-from pipelines.score import ReadShard, ScoreConfig, ScorerConfig, ScoreSamples, run_score
-from pipelines.shards import members_tar_bytes
-from pipelines.sources import SourceConfig
+from pipelines.core.images import decode_rgb, to_float_chw
+from pipelines.core.plan import Plan, PlanError, PlannedStep
+from pipelines.core.shards import members_tar_bytes
+from pipelines.core.sources import SourceConfig
+from pipelines.filter.pipeline import FilterConfig, Rule, run_filter
+from pipelines.ingest.existing import IngestConfig, run_ingest
+from pipelines.score.pipeline import ReadShard, ScoreConfig, ScorerConfig, ScoreSamples, run_score
 from tests.pipelines.photos import PHOTOS, captions, jpeg
 
 META = {"chelsea": {"pwatermark": 0.75, "punsafe": 0.125}, "rocket": {"watermark_score": 0.25}}
@@ -135,7 +135,7 @@ def test_filter_refuses_unknown_fields_and_ops(scored, tmp_path) -> None:
 
 
 def test_filter_refuses_files_that_are_not_scores(tmp_path) -> None:
-    from pipelines.sink import rejects_table
+    from pipelines.core.sink import rejects_table
 
     batch = {"key": np.asarray(["a"], dtype=object), "source": np.asarray(["s"], dtype=object),
              "reject_step": np.asarray(["x"], dtype=object), "reject_reason": np.asarray(["y"], dtype=object),

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from pipelines.ssrf import UrlPolicy, check_url, check_urls
+from pipelines.ingest.ssrf import UrlPolicy, check_url, check_urls
 
 DEFAULT = UrlPolicy()
 

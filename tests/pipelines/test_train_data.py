@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.train_data import CacheFile, epoch_windows, plan_windows, window_batches
+from pipelines.train_data.batches import CacheFile, epoch_windows, plan_windows, window_batches
 
 FILES = tuple(
     CacheFile(f"f{i}.parquet", bucket, rows)

@@ -8,9 +8,9 @@ import sys
 import pyarrow.dataset as pads
 import pytest
 
-from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.score import ScoreConfig, ScorerConfig, run_score
-from pipelines.sources import SourceConfig
+from pipelines.core.sources import SourceConfig
+from pipelines.ingest.existing import IngestConfig, run_ingest
+from pipelines.score.pipeline import ScoreConfig, ScorerConfig, run_score
 from tests.conftest import REPO_ROOT
 from tests.pipelines import corrupt
 from tests.pipelines.test_ingest import _photo_tar

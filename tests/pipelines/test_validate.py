@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipelines.validate as validate_module
-from pipelines.step import object_column
-from pipelines.validate import ValidateConfig, ValidateSamples
+import pipelines.core.validate as validate_module
+from pipelines.core.step import object_column
+from pipelines.core.validate import ValidateConfig, ValidateSamples
 from schemas.columns import (
     CAPTION,
     HEIGHT,

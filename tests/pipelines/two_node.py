@@ -13,9 +13,9 @@ def main(src: str, out: str) -> None:
     from ray.cluster_utils import Cluster
     from ray.data import DataContext
 
-    from pipelines.ingest import IngestConfig, run_ingest
-    from pipelines.score import ScoreConfig, ScorerConfig, run_score
-    from pipelines.sources import SourceConfig
+    from pipelines.core.sources import SourceConfig
+    from pipelines.ingest.existing import IngestConfig, run_ingest
+    from pipelines.score.pipeline import ScoreConfig, ScorerConfig, run_score
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:

@@ -1,0 +1,261 @@
+"""Existing image–text data as sample records: WebDataset tars, Parquet with image bytes, image folders.
+
+A source is split into *shards* (one tar, one Parquet file, or a fixed group of folder images); each shard
+is read by one task into batches of sample rows (``schemas.columns.SAMPLE_COLUMNS`` minus the fields the
+validate step fills in). Reading never raises for bad data: an unreadable file, a corrupt tar member or a
+tar member with an unsafe path becomes a row marked rejected (step ``read``), so counts add up.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.core.step import Batch, object_column
+from schemas.columns import CAPTION, IMAGE, KEY, META_JSON, REJECT_DETAIL, REJECT_REASON, REJECT_STEP, SOURCE
+
+SOURCE_KINDS = ("webdataset", "parquet", "folder")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+READ_COLUMNS = (KEY, SOURCE, CAPTION, IMAGE, META_JSON, REJECT_STEP, REJECT_REASON, REJECT_DETAIL)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """Where existing samples live and how to read them.
+
+    Attributes:
+        kind: ``webdataset`` (tars: key.jpg/png/webp + key.txt + key.json), ``parquet`` (image bytes in a
+            column) or ``folder`` (images with sidecar ``.txt`` captions and optional ``.json``).
+        path: a directory, a file, or a glob; local or any fsspec URL (``s3://bucket/prefix/*.tar``).
+        image_column: Parquet column with the encoded bytes (a list column uses its first image; an HF
+            ``{bytes, path}`` struct uses ``bytes``).
+        caption_column: Parquet column with the caption.
+        key_column: Parquet column with a unique key; None derives ``<shard:05d><row:07d>``.
+        samples_per_shard: folder images per shard.
+        batch_rows: rows per batch yielded by a shard reader.
+        endpoint_url: S3-compatible endpoint (None: AWS defaults); credentials come from the environment.
+    """
+
+    kind: str
+    path: str
+    image_column: str = "image"
+    caption_column: str = "caption"
+    key_column: str | None = None
+    samples_per_shard: int = 1000
+    batch_rows: int = 256
+    endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"kind={self.kind!r}; allowed: {', '.join(SOURCE_KINDS)}")
+        if not self.path:
+            raise ValueError("path must name a file, directory or glob")
+        if self.samples_per_shard < 1 or self.batch_rows < 1:
+            raise ValueError(
+                f"samples_per_shard={self.samples_per_shard} and batch_rows={self.batch_rows} must be >= 1"
+            )
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+
+
+def _filesystem(config: SourceConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = fsspec.core.url_to_fs(config.path, **config.storage_options)
+    return fs, root
+
+
+def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
+
+
+def _find(config: SourceConfig, extensions: tuple[str, ...]) -> list[str]:
+    fs, root = _filesystem(config)
+    if fs.isdir(root):
+        paths = [p for p in fs.find(root) if p.rsplit(".", 1)[-1].lower() in extensions]
+    elif any(ch in root for ch in "*?["):
+        paths = fs.glob(root)
+    else:
+        paths = [root] if fs.exists(root) else []
+    if not paths:
+        raise FileNotFoundError(f"source.path={config.path!r}: no {'/'.join(extensions)} files found")
+    return sorted(_unstrip(fs, p) for p in paths)
+
+
+def list_shards(config: SourceConfig) -> list[dict[str, Any]]:
+    """One row per shard: ``{"shard_index", "uris"}``, in a stable order (shard ids name the outputs)."""
+    if config.kind == "webdataset":
+        groups = [[p] for p in _find(config, ("tar",))]
+    elif config.kind == "parquet":
+        groups = [[p] for p in _find(config, ("parquet",))]
+    else:
+        images = _find(config, IMAGE_EXTENSIONS)
+        n = config.samples_per_shard
+        groups = [images[i : i + n] for i in range(0, len(images), n)]
+    return [{"shard_index": i, "uris": uris} for i, uris in enumerate(groups)]
+
+
+class _Rows:
+    """Accumulates rows and hands them out as column batches of ``batch_rows``."""
+
+    def __init__(self, batch_rows: int) -> None:
+        self.batch_rows = batch_rows
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, key: str, source: str, *, caption: Any = None, image: Any = None, meta: str = "{}",
+            reject: tuple[str, str] | None = None) -> None:  # fmt: skip
+        reason, detail = reject or ("", "")
+        self.rows.append(
+            {KEY: key, SOURCE: source, CAPTION: caption, IMAGE: image, META_JSON: meta,
+             REJECT_STEP: "read" if reject else "", REJECT_REASON: reason, REJECT_DETAIL: detail}
+        )  # fmt: skip
+
+    def drain(self, *, final: bool = False) -> Iterator[Batch]:
+        while self.rows and (final or len(self.rows) >= self.batch_rows):
+            chunk, self.rows = self.rows[: self.batch_rows], self.rows[self.batch_rows :]
+            yield {c: object_column(r[c] for r in chunk) for c in READ_COLUMNS}
+
+
+def caption_text(value: Any) -> str:
+    """A caption as read (str, UTF-8 bytes or None) as text; undecodable bytes become U+FFFD."""
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value or "")
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the basename."""
+    directory, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(directory, stem), ext.lower()
+
+
+def _unsafe(name: str) -> bool:
+    return name.startswith("/") or ".." in name.split("/") or "\\" in name
+
+
+def _add_sample(rows: _Rows, key: str, source: str, parts: dict[str, bytes]) -> None:
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
+    if image_ext is None:
+        rows.add(key, source, reject=("missing image", f"members: {sorted(parts)}"))
+        return
+    meta = parts.get("json", b"{}").decode("utf-8", errors="replace")
+    rows.add(key, source, caption=parts.get("txt"), image=parts[image_ext], meta=meta)
+
+
+Member = tuple[str, str, bytes | None, tuple[str, str] | None]  # key, extension, data, problem
+
+
+def _tar_members(uri: str, config: SourceConfig) -> Iterator[Member]:
+    """Regular members of a tar, streamed; an unsafe path or a read failure comes as a problem."""
+    last_key = posixpath.basename(uri)
+    try:
+        with (
+            fsspec.open(uri, "rb", **config.storage_options) as f,
+            tarfile.open(fileobj=f, mode="r|*") as tar,
+        ):
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if _unsafe(member.name):
+                    yield member.name, "", None, ("unsafe tar member path", member.name)
+                    continue
+                last_key, ext = _split_member(member.name)
+                yield last_key, ext, tar.extractfile(member).read(), None
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        yield last_key, "", None, ("corrupt tar member", f"{type(exc).__name__}: {exc}")
+
+
+def _read_tar(uri: str, config: SourceConfig) -> Iterator[Batch]:
+    rows = _Rows(config.batch_rows)
+    current, parts = None, {}
+    for key, ext, data, problem in _tar_members(uri, config):
+        if problem is not None:
+            if current is not None and key != current:
+                _add_sample(rows, current, uri, parts)
+            rows.add(key, uri, reject=problem)  # a corrupt member takes the partial sample with it
+            current, parts = None, {}
+        else:
+            if current is not None and (key != current or ext in parts):  # a repeated member: same key again
+                _add_sample(rows, current, uri, parts)
+                parts = {}
+            current = key
+            parts[ext] = data
+        yield from rows.drain()
+    if current is not None:
+        _add_sample(rows, current, uri, parts)
+    yield from rows.drain(final=True)
+
+
+def _first_image(value: Any) -> Any:
+    """Image bytes from a binary, a list of binaries (first) or an HF ``{bytes, path}`` struct."""
+    if isinstance(value, list):
+        return _first_image(value[0]) if value else None
+    if isinstance(value, dict):
+        return value.get("bytes")
+    return value
+
+
+def _read_parquet(uri: str, shard_index: int, config: SourceConfig) -> Iterator[Batch]:
+    rows = _Rows(config.batch_rows)
+    try:
+        with fsspec.open(uri, "rb", **config.storage_options) as f:
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            for needed in (config.image_column, config.caption_column, config.key_column):
+                if needed is not None and needed not in names:
+                    raise KeyError(f"column {needed!r} not in {sorted(names)}")
+            columns = [c for c in (config.image_column, config.caption_column, config.key_column) if c]
+            offset = 0
+            for record_batch in pf.iter_batches(
+                batch_size=config.batch_rows, columns=list(dict.fromkeys(columns))
+            ):
+                data = record_batch.to_pydict()
+                for i in range(record_batch.num_rows):
+                    key = (
+                        str(data[config.key_column][i])
+                        if config.key_column
+                        else f"{shard_index:05d}{offset + i:07d}"
+                    )
+                    caption = data[config.caption_column][i]
+                    rows.add(key, uri, caption=caption, image=_first_image(data[config.image_column][i]))
+                offset += record_batch.num_rows
+                yield from rows.drain()
+    except (OSError, KeyError, pa.ArrowException) as exc:
+        rows.add(f"{shard_index:05d}", uri, reject=("unreadable parquet", f"{type(exc).__name__}: {exc}"))
+    yield from rows.drain(final=True)
+
+
+def _read_folder(uris: list[str], config: SourceConfig) -> Iterator[Batch]:
+    rows = _Rows(config.batch_rows)
+    fs, _ = _filesystem(config)
+    for uri in uris:
+        stem = uri.rsplit(".", 1)[0]
+        key = posixpath.basename(stem)
+        try:
+            image = fs.cat_file(uri)
+            caption = fs.cat_file(f"{stem}.txt") if fs.exists(f"{stem}.txt") else None
+            meta = (
+                fs.cat_file(f"{stem}.json").decode("utf-8", "replace") if fs.exists(f"{stem}.json") else "{}"
+            )
+            rows.add(key, uri, caption=caption, image=image, meta=meta)
+        except OSError as exc:
+            rows.add(key, uri, reject=("unreadable file", f"{type(exc).__name__}: {exc}"))
+        yield from rows.drain()
+    yield from rows.drain(final=True)
+
+
+def read_shard(config: SourceConfig, shard: dict[str, Any]) -> Iterator[Batch]:
+    """Batches of sample rows (``READ_COLUMNS``) from one shard of ``list_shards``."""
+    uris = list(shard["uris"])
+    if config.kind == "webdataset":
+        yield from _read_tar(uris[0], config)
+    elif config.kind == "parquet":
+        yield from _read_parquet(uris[0], int(shard["shard_index"]), config)
+    else:
+        yield from _read_folder(uris, config)

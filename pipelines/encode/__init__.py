@@ -1,0 +1,1 @@
+"""``cascade encode``: image–text shards into latent shards (effnet, Stage A, CLIP-bigG text, CLIP-L image)."""

@@ -1,0 +1,179 @@
+"""The model steps of the encode pipeline: one actor pool per model (EfficientNet, Stage A, CLIP-bigG text,
+CLIP-L image).
+
+Each step loads its model once per actor, runs it on sub-batches of equal shape (aspect buckets give ragged
+batches), and returns float32 arrays; the writer converts them to the stored dtype once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines.core.step import Batch, Step, healthy, object_column
+from pipelines.encode.steps import PIXELS, STAGE_A_PIXELS, has_value, tensor_column
+from schemas.columns import CAPTION, CLIP_IMG, CLIP_TEXT, CLIP_TEXT_POOLED, EFFNET, KEY, SOURCE, STAGE_A
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderConfig:
+    """One model of the encode job: a flavor, its weights (a local path or fsspec URL) and where it runs."""
+
+    flavor: str
+    weights: str | None = None
+    device: str = "cpu"
+    bf16_autocast: bool = False
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        from stages.flavors import get_flavor
+
+        flavor = get_flavor(self.flavor)
+        if self.weights is None and not flavor.tiny:
+            raise ValueError(
+                f"weights is required for flavor {self.flavor} (only */tiny flavors run on random weights)"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+
+    def build(self) -> Any:
+        """Build the model in eval mode (seeded random init for tiny flavors); returns (model, sha256)."""
+        from stages.flavors import build_model
+
+        return build_model(self.flavor, weights=self.weights, device=self.device)
+
+
+def _by_shape(batch: Batch, column: str) -> dict[tuple[int, ...], list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in healthy(batch):
+        value = batch[column][i]
+        if has_value(value):
+            groups.setdefault(tuple(value.shape), []).append(int(i))
+    return groups
+
+
+class _ModelStep(Step):
+    """Loads one model per actor; runs it on equal-shape sub-batches under no_grad (and bf16 autocast)."""
+
+    stateful = True
+    source_column = ""
+    output_columns: tuple[str, ...] = ()
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__(config)
+        import torch
+
+        self.torch = torch
+        self.model, self.sha256 = config.build()
+
+    def _run(self, inputs: Any) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def __call__(self, batch: Batch) -> Batch:
+        torch = self.torch
+        n = len(batch[KEY])
+        outputs = {c: [None] * n for c in self.output_columns}
+        device = torch.device(self.config.device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16_autocast)
+        for rows in self._groups(batch):
+            for start in range(0, len(rows), self.config.batch_size):
+                chunk = rows[start : start + self.config.batch_size]
+                with torch.no_grad(), autocast:
+                    results = self._run(self._inputs(batch, chunk))
+                for column, result in zip(self.output_columns, results, strict=True):
+                    values = result.float().cpu().numpy()
+                    for j, i in enumerate(chunk):
+                        outputs[column][i] = values[j]
+        return batch | {c: tensor_column(c, v) for c, v in outputs.items()}
+
+    def _groups(self, batch: Batch) -> list[list[int]]:
+        return list(_by_shape(batch, self.source_column).values())
+
+    def _inputs(self, batch: Batch, rows: list[int]) -> Any:
+        stacked = np.stack([batch[self.source_column][i] for i in rows])
+        return self.torch.from_numpy(stacked).to(self.config.device)
+
+
+class EncodeEffnet(_ModelStep):
+    name = "effnet"
+    requires = (PIXELS,)
+    produces = (EFFNET,)
+    source_column, output_columns = PIXELS, (EFFNET,)
+
+    def _run(self, pixels: Any) -> tuple[Any, ...]:
+        return (self.model.encode(pixels),)
+
+
+class EncodeStageA(_ModelStep):
+    name = "stage_a"
+    requires = (STAGE_A_PIXELS,)
+    produces = (STAGE_A,)
+    source_column, output_columns = STAGE_A_PIXELS, (STAGE_A,)
+
+    def _run(self, pixels: Any) -> tuple[Any, ...]:
+        return (self.model.encode(pixels),)  # unquantized latent / 0.43
+
+
+class EncodeImage(_ModelStep):
+    """CLIP-L ``image_embeds`` of the encode crop (the official training path); rows that already carry a
+    stored embedding (from ``cascade score``) keep it."""
+
+    name = "clip_image"
+    requires = (PIXELS,)
+    produces = (CLIP_IMG,)
+    source_column, output_columns = PIXELS, (CLIP_IMG,)
+
+    def _groups(self, batch: Batch) -> list[list[int]]:
+        stored = batch.get(CLIP_IMG)
+        todo = {
+            k: [i for i in rows if stored is None or stored[i] is None]
+            for k, rows in _by_shape(batch, PIXELS).items()
+        }
+        return [rows for rows in todo.values() if rows]
+
+    def __call__(self, batch: Batch) -> Batch:
+        stored = batch.get(CLIP_IMG)
+        out = super().__call__(batch)
+        if stored is not None:
+            out[CLIP_IMG] = object_column(
+                s if s is not None else c for s, c in zip(stored, out[CLIP_IMG], strict=True)
+            )
+        return out
+
+    def _run(self, pixels: Any) -> tuple[Any, ...]:
+        return (self.model(pixels),)
+
+
+class EncodeText(_ModelStep):
+    """CLIP-bigG text: ``hidden_states[-1]`` (77×1280) and pooled ``text_embeds`` (1×1280) per caption."""
+
+    name = "clip_text"
+    requires = (CAPTION,)
+    produces = (CLIP_TEXT, CLIP_TEXT_POOLED)
+    output_columns = (CLIP_TEXT, CLIP_TEXT_POOLED)
+
+    def _groups(self, batch: Batch) -> list[list[int]]:
+        rows = [int(i) for i in healthy(batch)]
+        return [rows] if rows else []
+
+    def _inputs(self, batch: Batch, rows: list[int]) -> Any:
+        captions = batch[CAPTION]
+        return [
+            c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
+            for c in (captions[i] for i in rows)
+        ]
+
+    def _run(self, captions: Any) -> tuple[Any, ...]:
+        clip_text, pooled = self.model(captions)
+        return clip_text, pooled.squeeze(1)
+
+
+def encode_captions(config: EncoderConfig, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Text conditions for a few captions outside the pipeline (the dataset's empty-caption embedding)."""
+    step = EncodeText(config)
+    batch = {KEY: object_column(range(len(captions))), CAPTION: object_column(captions),
+             SOURCE: object_column([""] * len(captions))}  # fmt: skip
+    out = step(batch)
+    return np.stack(list(out[CLIP_TEXT])), np.stack(list(out[CLIP_TEXT_POOLED]))

@@ -1,0 +1,1 @@
+"""``cascade export``: a latent cache as Parquet for third-party readers."""

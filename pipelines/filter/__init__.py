@@ -1,0 +1,1 @@
+"""``cascade filter``: declarative rules over stored scores, one kept-keys file per shard."""

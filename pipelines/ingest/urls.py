@@ -1,0 +1,395 @@
+"""Ingest URL lists into WebDataset shards in img2dataset's layout, optionally distributed over Ray.
+
+``ingest_urls(config)`` reads a URL list (parquet, csv, tsv or jsonl with a url and a caption column), refuses
+URLs the SSRF guard (``pipelines.ingest.ssrf``) rejects, downloads the rest with ``img2dataset.download`` and turns
+every row that did not become a sample into a reject, so ``n_success + len(rejects) == n_input``.
+
+Output (img2dataset's layout): ``NNNNN.tar`` with ``key.jpg``, ``key.txt``, ``key.json``; ``NNNNN.parquet``
+(one row per URL given to img2dataset, with ``status`` and ``error_message``); ``NNNNN_stats.json``; plus
+``rejects.parquet`` (key, source, step, reason, detail, row_index). Every sample's JSON and every shard
+Parquet row carry ``row_index``, the row's position in the input list. Sample keys are img2dataset's keys
+over the URLs that passed the guard. Rejects refused before the download have an empty key.
+
+How img2dataset runs on Ray (1.47.0): ``distributor="ray"`` submits one Ray task per shard
+(``num_cpus=1``, ``thread_count`` download threads each) to the Ray instance this process is connected to,
+so Ray must be initialised first. It ignores ``processes_count`` and ``max_shard_retry`` and discards each
+shard's status: a shard that crashes is neither retried nor reported. Here a shard counts only once its
+``_stats.json`` exists; rows of other shards become rejects with reason "shard failed". Workers write to
+``output_dir`` directly and read the driver-written ``output_dir/_tmp`` shards, so on a multi-node cluster
+``output_dir`` must be shared storage (an fsspec URL such as ``s3://`` or a shared file system).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from pipelines.ingest.ssrf import UrlPolicy, check_urls
+
+STEP = "ingest"
+ROW_INDEX = "row_index"
+INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl")
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+ENCODE_FORMATS = ("jpg", "png", "webp")
+DISTRIBUTORS = ("ray", "multiprocessing")
+INCREMENTAL_MODES = ("incremental", "overwrite")
+OOM_SHARD_COUNT = 5  # img2dataset's default: shard names are 5 digits
+# img2dataset reserves these names in its output (save_additional_columns may not use them).
+_RESERVED_COLUMNS = frozenset(
+    {"key", "caption", "url", "width", "height", "original_width", "original_height", "status"}
+    | {"error_message", "exif", "md5", "sha256", "sha512", ROW_INDEX}
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("step", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        (ROW_INDEX, pa.int64()),
+    ]
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UrlIngestConfig:
+    """What to download and how.
+
+    Attributes:
+        input_path: URL list (local path or fsspec URL).
+        output_dir: where the shards go (local path or fsspec URL; shared storage for multi-node Ray).
+        input_format: "auto" (from the extension) or one of ``INPUT_FORMATS``.
+        url_col: column holding the image URL.
+        caption_col: column holding the caption (None: no ``.txt`` members).
+        additional_cols: input columns copied into each sample's JSON and the shard Parquet.
+        resize_mode: "no" keeps originals (default: encoding quality depends on them), else an img2dataset
+            mode (``border``, ``keep_ratio``, ``keep_ratio_largest``, ``center_crop``) to ``image_size_px``.
+        image_size_px: target size; required unless ``resize_mode == "no"``.
+        resize_only_if_bigger: never upscale.
+        skip_reencode: store the downloaded bytes unchanged when no resize happened and the image is
+            already in ``encode_format`` (with ``resize_mode="no"`` JPEG originals stay byte-identical).
+        encode_format: format of re-encoded images ("jpg", "png", "webp").
+        encode_quality: JPEG/WebP quality 0–100, PNG compression 0–9.
+        timeout_s: per-request timeout.
+        retries: extra attempts per URL after a failed download.
+        thread_count: download threads per shard task/process.
+        processes_count: processes for the multiprocessing distributor (None: all CPUs).
+        number_sample_per_shard: URLs per output shard.
+        distributor: "ray" (needs an initialised Ray) or "multiprocessing".
+        incremental_mode: "incremental" skips shards already complete in ``output_dir``; "overwrite"
+            deletes ``output_dir`` first.
+        url_policy: SSRF guard; the default refuses internal addresses.
+        dns_threads: concurrent DNS lookups for the guard.
+    """
+
+    input_path: str
+    output_dir: str
+    input_format: str = "auto"
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    additional_cols: tuple[str, ...] = ()
+    resize_mode: str = "no"
+    image_size_px: int | None = None
+    resize_only_if_bigger: bool = False
+    skip_reencode: bool = True
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    timeout_s: float = 10.0
+    retries: int = 0
+    thread_count: int = 64
+    processes_count: int | None = None
+    number_sample_per_shard: int = 10_000
+    distributor: str = "ray"
+    incremental_mode: str = "incremental"
+    url_policy: UrlPolicy = field(default_factory=UrlPolicy)
+    dns_threads: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("input_path", "output_dir", "url_col"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a non-empty string")
+        _check_choice("input_format", self.input_format, ("auto", *INPUT_FORMATS))
+        _ = self.resolved_input_format
+        if self.caption_col is not None and (not self.caption_col or self.caption_col == self.url_col):
+            raise ValueError(f"caption_col={self.caption_col!r} must be None or a column other than url_col")
+        object.__setattr__(self, "additional_cols", tuple(self.additional_cols))
+        for col in self.additional_cols:
+            if col in _RESERVED_COLUMNS or col in (self.url_col, self.caption_col):
+                raise ValueError(
+                    f"additional_cols entry {col!r} is reserved; reserved: {sorted(_RESERVED_COLUMNS)}"
+                )
+        self._check_image_options()
+        self._check_download_options()
+        if not isinstance(self.url_policy, UrlPolicy):
+            raise ValueError(f"url_policy={self.url_policy!r} must be a pipelines.ingest.ssrf.UrlPolicy")
+
+    def _check_image_options(self) -> None:
+        _check_choice("resize_mode", self.resize_mode, RESIZE_MODES)
+        _check_choice("encode_format", self.encode_format, ENCODE_FORMATS)
+        if self.resize_mode != "no" and (self.image_size_px is None or self.image_size_px < 1):
+            raise ValueError(
+                f"image_size_px={self.image_size_px!r} must be >= 1 with resize_mode={self.resize_mode!r}"
+            )
+        if self.resize_mode == "no" and self.image_size_px is not None:
+            warnings.warn(
+                f"image_size_px={self.image_size_px} is ignored with resize_mode='no'", stacklevel=3
+            )
+        top = 9 if self.encode_format == "png" else 100
+        if not 0 <= self.encode_quality <= top:
+            raise ValueError(
+                f"encode_quality={self.encode_quality} must be in [0, {top}] for {self.encode_format}"
+            )
+
+    def _check_download_options(self) -> None:
+        _check_choice("distributor", self.distributor, DISTRIBUTORS)
+        _check_choice("incremental_mode", self.incremental_mode, INCREMENTAL_MODES)
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s={self.timeout_s} must be > 0")
+        if self.retries < 0:
+            raise ValueError(f"retries={self.retries} must be >= 0")
+        for name in ("thread_count", "number_sample_per_shard", "dns_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.processes_count is not None and self.processes_count < 1:
+            raise ValueError(f"processes_count={self.processes_count} must be None or >= 1")
+        if self.distributor == "ray" and self.processes_count is not None:
+            warnings.warn(
+                f"processes_count={self.processes_count} is ignored with distributor='ray' "
+                "(one Ray task per shard, as many at once as the cluster has CPUs)",
+                stacklevel=3,
+            )
+
+    @property
+    def resolved_input_format(self) -> str:
+        if self.input_format != "auto":
+            return self.input_format
+        extension = os.path.splitext(self.input_path)[1].lstrip(".").lower()
+        if extension not in INPUT_FORMATS:
+            raise ValueError(
+                f"input_format='auto' cannot tell the format of input_path={self.input_path!r}; "
+                f"use an extension or input_format in {INPUT_FORMATS}"
+            )
+        return extension
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What an ingest produced: counts add up, ``n_success + rejects.num_rows == n_input``."""
+
+    output_dir: str
+    n_input: int
+    n_success: int
+    rejects: pa.Table
+
+
+def ingest_urls(config: UrlIngestConfig) -> IngestResult:
+    """Download ``config.input_path`` into WebDataset shards in ``config.output_dir``; see the module doc."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "img2dataset.download installs a signal handler: call ingest_urls from the main thread"
+        )
+    if config.distributor == "ray":
+        _require_ray()
+    table = read_url_list(config)
+    refusals = check_urls(table["url"].to_pylist(), config.url_policy, threads=config.dns_threads)
+    allowed = table.filter(pa.array([r is None for r in refusals], pa.bool_()))
+    refused = [
+        {"key": "", "source": url, "step": STEP, "reason": reason, ROW_INDEX: index}
+        | {"detail": "refused before download by the URL policy (pipelines.ingest.ssrf.UrlPolicy)"}
+        for url, index, reason in zip(
+            table["url"].to_pylist(), table[ROW_INDEX].to_pylist(), refusals, strict=True
+        )
+        if reason is not None
+    ]
+    fs, out_path = fsspec.core.url_to_fs(config.output_dir)
+    # img2dataset's own "overwrite" deletes its _tmp folder after creating it (then fails): do it here.
+    if config.incremental_mode == "overwrite" and fs.exists(out_path):
+        fs.rm(out_path, recursive=True)
+    fs.makedirs(out_path, exist_ok=True)
+    if allowed.num_rows:
+        _read_shard_records(config, allowed)  # refuses an output_dir holding shards of another list, early
+        _run_img2dataset(config, allowed)
+    records = _read_shard_records(config, allowed)
+    failed = _download_rejects(allowed, records)
+    rejects = pa.Table.from_pylist(refused + failed, schema=REJECTS_SCHEMA).sort_by(ROW_INDEX)
+    n_success = sum(1 for r in records.values() if r["status"] == "success")
+    if n_success + rejects.num_rows != table.num_rows:
+        raise RuntimeError(
+            f"internal: {n_success} successes + {rejects.num_rows} rejects != {table.num_rows} rows"
+        )
+    with fs.open(f"{out_path}/rejects.parquet", "wb") as f:
+        pq.write_table(rejects, f)
+    return IngestResult(config.output_dir, table.num_rows, n_success, rejects)
+
+
+def read_url_list(config: UrlIngestConfig) -> pa.Table:
+    """The input list as a table with ``url``, ``caption`` (when configured), additional columns and
+    ``row_index`` (the row's position in the input)."""
+    fmt = config.resolved_input_format
+    fs, path = fsspec.core.url_to_fs(config.input_path)
+    if not fs.isfile(path):
+        raise ValueError(f"input_path={config.input_path!r} is not a file")
+    wanted = {config.url_col: "url", **{c: c for c in config.additional_cols}}
+    if config.caption_col is not None:
+        wanted[config.caption_col] = "caption"
+    with fs.open(path, "rb") as f:
+        if fmt == "parquet":
+            parquet = pq.ParquetFile(f)
+            _require_columns(config, wanted, parquet.schema_arrow.names)
+            table = parquet.read(columns=list(wanted))
+        elif fmt == "jsonl":
+            table = pa_json.read_json(f)
+        else:
+            delimiter = "\t" if fmt == "tsv" else ","
+            table = pa_csv.read_csv(f, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
+    _require_columns(config, wanted, table.column_names)
+    columns = {new: table[old] for old, new in wanted.items()}
+    for name in ("url", "caption"):
+        if name in columns:
+            columns[name] = pc.cast(columns[name], pa.string())
+    columns[ROW_INDEX] = pa.array(range(table.num_rows), pa.int64())
+    return pa.table(columns)
+
+
+def short_reason(status: str, error_message: str | None) -> str:
+    """A short, groupable reason ("http 404", "timeout", "not an image", ...) for an img2dataset failure."""
+    message = (error_message or "").strip()
+    low = message.lower()
+    if http := re.search(r"http error (\d{3})", low):
+        return f"http {http.group(1)}"
+    for needles, reason in _REASONS:
+        if any(n in low for n in needles):
+            return reason
+    if status == "failed_to_resize":
+        return message if message in _RESIZER_REASONS else "resize error"
+    return "download error" if status == "failed_to_download" else (status or "unknown")
+
+
+_REASONS = (
+    (("timed out", "timeout"), "timeout"),
+    (("image decoding error",), "not an image"),
+    (("x-robots-tag",), "disallowed by X-Robots-Tag"),
+    (("hash mismatch",), "hash mismatch"),
+    (("connection refused",), "connection refused"),
+    (("name or service not known", "nodename nor servname", "name resolution", "getaddrinfo"), "dns error"),
+    (("certificate", "ssl"), "tls error"),
+    (("remote end closed", "connection reset", "incompleteread"), "connection closed"),
+    (("unknown url type",), "invalid url"),
+)
+_RESIZER_REASONS = ("image too small", "image area too large", "aspect ratio too large")
+
+
+def _require_columns(config: UrlIngestConfig, wanted: dict[str, str], names: list[str]) -> None:
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise ValueError(f"input_path={config.input_path!r} lacks columns {missing}; it has {names}")
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} must be one of {allowed}")
+
+
+def _require_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        raise ValueError(
+            "distributor='ray' needs an initialised Ray in this process: call ray.init(...) first "
+            "(otherwise img2dataset's tasks would start a fresh local Ray instance)"
+        )
+
+
+def _run_img2dataset(config: UrlIngestConfig, allowed: pa.Table) -> None:
+    """Run img2dataset on the allowed rows (its SIGINT handler is removed again afterwards)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import img2dataset
+
+    with tempfile.TemporaryDirectory(prefix="ingest_urls_") as tmp:
+        list_path = os.path.join(tmp, "urls.parquet")
+        pq.write_table(allowed, list_path)
+        sigint = signal.getsignal(signal.SIGINT)
+        try:
+            img2dataset.download(
+                url_list=list_path,
+                input_format="parquet",
+                url_col="url",
+                caption_col="caption" if config.caption_col is not None else None,
+                save_additional_columns=[*config.additional_cols, ROW_INDEX],
+                output_folder=config.output_dir,
+                output_format="webdataset",
+                image_size=config.image_size_px or 256,
+                resize_mode=config.resize_mode,
+                resize_only_if_bigger=config.resize_only_if_bigger,
+                skip_reencode=config.skip_reencode,
+                encode_format=config.encode_format,
+                encode_quality=config.encode_quality,
+                timeout=config.timeout_s,
+                retries=config.retries,
+                thread_count=config.thread_count,
+                processes_count=config.processes_count or os.cpu_count() or 1,
+                number_sample_per_shard=config.number_sample_per_shard,
+                oom_shard_count=OOM_SHARD_COUNT,
+                distributor=config.distributor,
+                incremental_mode="incremental",  # "overwrite" was applied by ingest_urls
+                enable_wandb=False,
+            )
+        finally:
+            signal.signal(signal.SIGINT, sigint)
+
+
+def _read_shard_records(config: UrlIngestConfig, allowed: pa.Table) -> dict[int, dict]:
+    """img2dataset's per-URL records by row index, from the shards this list maps to (complete ones only)."""
+    fs, out_path = fsspec.core.url_to_fs(config.output_dir)
+    urls = dict(zip(allowed[ROW_INDEX].to_pylist(), allowed["url"].to_pylist(), strict=True))
+    records: dict[int, dict] = {}
+    for shard_id in range(math.ceil(allowed.num_rows / config.number_sample_per_shard)):
+        name = f"{out_path}/{shard_id:0{OOM_SHARD_COUNT}d}"
+        if not fs.exists(f"{name}_stats.json"):
+            continue  # the shard task failed; its rows become "shard failed" rejects
+        with fs.open(f"{name}.parquet", "rb") as f:
+            rows = pq.read_table(f, columns=["key", "status", "error_message", "url", ROW_INDEX]).to_pylist()
+        for row in rows:
+            index = row[ROW_INDEX]
+            if urls.get(index) != row["url"] or index in records:
+                raise ValueError(
+                    f"output_dir={config.output_dir!r} holds shard {shard_id} of a different URL list "
+                    f"(row {index}); use a fresh output_dir or incremental_mode='overwrite'"
+                )
+            records[index] = row
+    return records
+
+
+def _download_rejects(allowed: pa.Table, records: dict[int, dict]) -> list[dict]:
+    """One reject per allowed row that img2dataset did not turn into a sample."""
+    rejects = []
+    for index, url in zip(allowed[ROW_INDEX].to_pylist(), allowed["url"].to_pylist(), strict=True):
+        record = records.get(index)
+        if record is None:
+            reject = {
+                "key": "",
+                "reason": "shard failed",
+                "detail": "no complete output shard holds this row",
+            }
+        elif record["status"] != "success":
+            message = record["error_message"] or record["status"] or ""
+            reason = short_reason(record["status"], record["error_message"])
+            reject = {"key": record["key"], "reason": reason, "detail": message[:2000]}
+        else:
+            continue
+        rejects.append(reject | {"source": url, "step": STEP, ROW_INDEX: index})
+    return rejects

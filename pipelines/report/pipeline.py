@@ -1,0 +1,330 @@
+"""``cascade report``: how well Stage B + Stage A reconstruct a sample of a latent cache or of raw images.
+
+The driver draws a seeded sample spread over the shards/files (in a seeded order, each gives its even share
+of the samples still wanted), then Ray Data runs the steps: for a cache, the original crop is re-read from the sample's source shard
+(``CacheCrops``); for raw images, the encode job's own preprocess, effnet and CLIP-bigG steps make the latent
+in memory. ``Reconstruct`` then samples Stage B, decodes with Stage A and measures PSNR, SSIM and LPIPS at the
+crop. The output folder gets ``images/``, ``report.json`` (every number) and ``report.html`` (grids,
+histograms, a PSNR–SSIM plot, aggregates per shard, bucket and encoder version, and the worst k), in that
+order. Rows that cannot be reconstructed are listed in the report with their reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipelines.core.plan import Plan, PlannedStep
+from pipelines.core.preprocess import PreprocessConfig
+from pipelines.core.sources import SourceConfig, caption_text, list_shards, read_shard
+from pipelines.core.step import Batch, Resources
+from pipelines.core.storage import write_bytes
+from pipelines.encode.models import EncodeEffnet, EncoderConfig, EncodeText
+from pipelines.encode.steps import PreprocessImages, PreprocessStepConfig
+from pipelines.report.steps import (
+    DIFF_PNG,
+    METRICS,
+    ORIGINAL_PNG,
+    RECON_PNG,
+    CacheCrops,
+    Reconstruct,
+    ReconstructConfig,
+)
+from schemas import FileMetadata
+from schemas import columns as c
+
+ENCODER_VERSION = "encoder_version"
+REPORT_COLUMNS = (c.KEY, c.CAPTION, c.SOURCE_SHARD, c.BUCKET, ENCODER_VERSION, *METRICS, ORIGINAL_PNG, RECON_PNG,
+                  DIFF_PNG, *c.REJECT_COLUMNS)  # fmt: skip
+GROUPS = {"shard": c.SOURCE_SHARD, "bucket": c.BUCKET, "encoder_version": ENCODER_VERSION}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """A reconstruction report.
+
+    Attributes:
+        output_dir: where ``report.html``, ``report.json`` and ``images/`` go (local or s3://).
+        latents: a latent cache (the encode job's output). Its samples' original crops are re-read from the
+            source shards the cache recorded, or from ``images`` when those shards moved.
+        latents_format: ``parquet`` or ``webdataset``.
+        images: raw image–text shards (``webdataset``, ``parquet`` or ``folder``) to encode in memory when
+            ``latents`` is not set; with ``latents``, the folder that now holds the cache's source shards.
+        num_samples: samples to reconstruct; seed: the sample's seed.
+        worst_k: examples shown in the worst-k section (by LPIPS, or PSNR when LPIPS is skipped).
+        preprocess, effnet, clip_text: raw images only: the crop and the encoders (as in ``cascade encode``).
+        reconstruct: Stage B / Stage A flavors and weights, sampler settings and the LPIPS backbone.
+        endpoint_url: S3 endpoint of ``latents``; output_endpoint_url: of ``output_dir``.
+        crop_resources, encode_resources, reconstruct_resources: Ray resources of the crop/preprocess tasks,
+            the raw-image encoder actors and the Stage B + A actor pool (``num_gpus`` on GPU nodes).
+    """
+
+    output_dir: str
+    latents: str | None = None
+    latents_format: str = "parquet"
+    images: SourceConfig | None = None
+    num_samples: int = 16
+    seed: int = 0
+    worst_k: int = 8
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    effnet: EncoderConfig = field(default_factory=lambda: EncoderConfig(flavor="effnet/tiny"))
+    clip_text: EncoderConfig = field(default_factory=lambda: EncoderConfig(flavor="clip_text/tiny"))
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    endpoint_url: str | None = None
+    output_endpoint_url: str | None = None
+    crop_resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.25, batch_size=4))
+    encode_resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.25, batch_size=4))
+    reconstruct_resources: Resources = field(default_factory=lambda: Resources(num_cpus=1, batch_size=4))
+
+    def __post_init__(self) -> None:
+        if self.latents is None and self.images is None:
+            raise ValueError("set latents (a latent cache) or images (raw image–text shards)")
+        if self.latents is not None and self.images is not None and self.images.kind != "webdataset":
+            raise ValueError(f"images.kind={self.images.kind!r}: a cache's source shards are WebDataset tars")
+        if self.latents_format not in ("parquet", "webdataset"):
+            raise ValueError(f"latents_format={self.latents_format!r}; allowed: parquet, webdataset")
+        if self.num_samples < 1 or self.worst_k < 0:
+            raise ValueError(f"num_samples={self.num_samples} must be >= 1 and worst_k={self.worst_k} >= 0")
+        if not self.effnet.flavor.startswith("effnet") or not self.clip_text.flavor.startswith("clip_text"):
+            raise ValueError(
+                f"effnet.flavor={self.effnet.flavor!r} / clip_text.flavor={self.clip_text.flavor!r}"
+            )
+
+    def input_options(self) -> dict[str, Any]:
+        return {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+
+    def output_options(self) -> dict[str, Any]:
+        return {"endpoint_url": self.output_endpoint_url} if self.output_endpoint_url else {}
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    output_dir: str
+    html: str
+    json: str
+    n_samples: int
+    n_rejected: int
+    psnr_mean: float | None
+    ssim_mean: float | None
+    lpips_mean: float | None
+    lpips_skipped: str | None
+    random_weights: bool
+
+
+def _version(flavor: str, sha256: str | None) -> str:
+    return f"{flavor}@{(sha256 or 'random')[:12]}"
+
+
+def _share(wanted: int, taken: int, sources_left: int) -> int:
+    """Rows to take from the next source: the rest spread evenly over the sources left (small ones give less,
+    later ones make up for it)."""
+    return max(0, math.ceil((wanted - taken) / max(sources_left, 1)))
+
+
+def sample_cache(config: ReportConfig) -> list[dict[str, Any]]:
+    """Seeded rows of a latent cache: key, caption, source shard, bucket, encoder version, effnet, pooled text."""
+    from pipelines.core.latents_reader import list_latent_files, read_latent_table, table_to_batch
+
+    options = config.input_options()
+    files = list_latent_files(config.latents, config.latents_format, options)
+    rng = np.random.default_rng(config.seed)
+    rows: list[dict[str, Any]] = []
+    wanted = [c.KEY, c.CAPTION, c.SOURCE_SHARD, c.BUCKET, c.EFFNET, c.CLIP_TEXT_POOLED]
+    for position, index in enumerate(rng.permutation(len(files))):
+        per_file = _share(config.num_samples, len(rows), len(files) - position)
+        table = read_latent_table(
+            files[index], config.latents_format, storage_options=options, columns=wanted
+        )
+        meta = FileMetadata.from_arrow(table.schema.metadata)  # one read per file: the table carries it
+        version = _version(meta.encoder_flavors.get("effnet", "?"), meta.weights_sha256.get("effnet"))
+        batch = table_to_batch(table, float32=True)
+        for r in sorted(rng.permutation(table.num_rows)[:per_file]):
+            rows.append({k: batch[k][r] for k in wanted} | {ENCODER_VERSION: version})
+        if len(rows) >= config.num_samples:
+            break
+    return rows[: config.num_samples]
+
+
+def sample_images(config: ReportConfig) -> list[dict[str, Any]]:
+    """Seeded rows of raw image–text shards (reservoir per shard): key, caption, image bytes, shard."""
+    from pipelines.encode.writer import weights_fingerprint
+
+    shards = list_shards(config.images)
+    if not shards:
+        raise FileNotFoundError(f"images.path={config.images.path!r}: no shards found")
+    version = _version(
+        config.effnet.flavor, weights_fingerprint(config.effnet) if config.effnet.weights else None
+    )
+    rng = np.random.default_rng(config.seed)
+    rows: list[dict[str, Any]] = []
+    for position, index in enumerate(rng.permutation(len(shards))):
+        shard, per_shard = shards[index], _share(config.num_samples, len(rows), len(shards) - position)
+        kept: list[dict[str, Any]] = []
+        for seen, row in enumerate(_rows(read_shard(config.images, shard))):
+            if seen < per_shard:
+                kept.append(row)
+            elif (slot := int(rng.integers(seen + 1))) < per_shard:
+                kept[slot] = row
+        name = (
+            shard["uris"][0] if config.images.kind != "folder" else f"folder shard {shard['shard_index']:05d}"
+        )
+        rows += [r | {c.SOURCE_SHARD: name, ENCODER_VERSION: version} for r in kept]
+        if len(rows) >= config.num_samples:
+            break
+    return rows[: config.num_samples]
+
+
+def _rows(batches: Iterator[Batch]) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        for i in range(len(batch[c.KEY])):
+            yield {
+                k: batch[k][i] for k in (c.KEY, c.SOURCE, c.CAPTION, c.IMAGE, c.META_JSON, *c.REJECT_COLUMNS)
+            }
+
+
+def report_plan(config: ReportConfig, source_columns: Sequence[str]) -> Plan:
+    """Cache: crops → reconstruct. Raw images: the encode job's preprocess → effnet → CLIP text → reconstruct."""
+    if config.latents is not None:
+        from pipelines.train_data.crops import crop_spec
+
+        spec = crop_spec(config.latents, config.images, config.input_options())
+        steps = [PlannedStep(CacheCrops, spec, config.crop_resources)]
+    else:
+        steps = [
+            PlannedStep(
+                PreprocessImages, PreprocessStepConfig(preprocess=config.preprocess), config.encode_resources
+            ),
+            PlannedStep(EncodeEffnet, config.effnet, config.encode_resources),
+            PlannedStep(EncodeText, config.clip_text, config.encode_resources),
+        ]
+    steps.append(PlannedStep(Reconstruct, config.reconstruct, config.reconstruct_resources))
+    return Plan(tuple(source_columns), steps)
+
+
+def run_report(config: ReportConfig) -> ReportSummary:
+    """Sample, reconstruct on Ray, aggregate, and write ``images/``, ``report.json`` and ``report.html``."""
+    import ray
+
+    rows = sample_cache(config) if config.latents is not None else sample_images(config)
+    if not rows:
+        raise FileNotFoundError(f"no samples found in {config.latents or config.images.path!r}")
+    plan = report_plan(config, list(rows[0]))
+    ds = plan.apply(ray.data.from_items(rows, override_num_blocks=min(len(rows), 64)))
+    keep = [name for name in REPORT_COLUMNS if name in plan.check()]
+    results = [row for batch in ds.select_columns(keep).iter_batches(batch_format="numpy", batch_size=None)
+               for row in _batch_rows(batch)]  # fmt: skip
+    results.sort(key=lambda r: (r[c.SOURCE_SHARD], r[c.KEY]))
+    report = build_report(config, results)
+    _write(config, report, results)
+    out = config.output_dir.rstrip("/")
+    overall = report["overall"]
+    return ReportSummary(
+        output_dir=config.output_dir, html=f"{out}/report.html", json=f"{out}/report.json",
+        n_samples=overall["n"], n_rejected=len(report["rejects"]), psnr_mean=overall["psnr_mean"],
+        ssim_mean=overall["ssim_mean"], lpips_mean=overall["lpips_mean"],
+        lpips_skipped=report["metrics"]["lpips_skipped"], random_weights=report["random_weights"],
+    )  # fmt: skip
+
+
+def _batch_rows(batch: Batch) -> Iterator[dict[str, Any]]:
+    for i in range(len(batch[c.KEY])):
+        row = {}
+        for name, values in batch.items():
+            value = values[i]
+            row[name] = value.item() if isinstance(value, np.generic) else value
+        yield row
+
+
+def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": len(rows)}
+    for m in METRICS:
+        values = np.asarray([np.nan if r[m] is None else r[m] for r in rows], np.float64)
+        values = values[np.isfinite(values)]
+        out[f"{m}_mean"] = float(values.mean()) if values.size else None
+        out[f"{m}_median"] = float(np.median(values)) if values.size else None
+        out[f"{m}_min"] = float(values.min()) if values.size else None
+        out[f"{m}_max"] = float(values.max()) if values.size else None
+    return out
+
+
+def _worst(rows: list[dict[str, Any]], k: int, lpips_on: bool) -> list[int]:
+    """Indices of the k worst rows: highest LPIPS, or lowest PSNR when LPIPS is skipped."""
+    order = sorted(range(len(rows)), key=lambda i: -rows[i]["lpips"] if lpips_on else rows[i]["psnr"])
+    return order[:k]
+
+
+def _models(config: ReportConfig) -> dict[str, str]:
+    encoders = {"stage_b": config.reconstruct.stage_b, "stage_a": config.reconstruct.stage_a}
+    if config.latents is None:
+        encoders |= {"effnet": config.effnet, "clip_text": config.clip_text}
+    return {role: e.flavor + (f" ({e.weights})" if e.weights else " (seeded random weights)")
+            for role, e in encoders.items()}  # fmt: skip
+
+
+def build_report(config: ReportConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every number of the report (``report.json``); image paths are relative to the output folder."""
+    from stages.image_metrics import PSNR_CAP_DB
+
+    good = [r for r in results if not r[c.REJECT_REASON]]
+    rejected = [r for r in results if r[c.REJECT_REASON]]
+    lpips = config.reconstruct.lpips
+    samples = []
+    for index, r in enumerate(good):
+        images = {
+            kind: f"images/{index:05d}_{kind}.png" for kind in ("original", "reconstruction", "difference")
+        }
+        samples.append({"key": r[c.KEY], "caption": caption_text(r[c.CAPTION]), "shard": posixpath.basename(str(r[c.SOURCE_SHARD])),
+                        "bucket": r[c.BUCKET], "encoder_version": r[ENCODER_VERSION], "images": images}
+                       | {m: (None if math.isnan(r[m]) else float(r[m])) for m in METRICS})  # fmt: skip
+    groups = {}
+    for name in GROUPS:
+        members: dict[str, list] = defaultdict(list)
+        for s in samples:
+            members[s[name]].append(s)
+        groups[name] = {k: _stats(v) for k, v in sorted(members.items())}
+    lpips_on = lpips.skipped_reason() is None
+    versions = sorted({s["encoder_version"] for s in samples})
+    models = _models(config)
+    return {
+        "schema": "report@1",
+        "source": {"latents": config.latents, "images": config.images.path if config.images else None,
+                   "num_samples": config.num_samples, "seed": config.seed},
+        "models": models,
+        "random_weights": any("random" in v or "/tiny@" in v for v in [*models.values(), *versions]),
+        "sampler": {"stage_b_timesteps": config.reconstruct.timesteps, "cfg": config.reconstruct.cfg,
+                    "shift": config.reconstruct.shift, "seed": config.reconstruct.seed},
+        "metrics": {"psnr": f"PSNR (dB, data range 1, capped at {PSNR_CAP_DB:g})", "ssim": "SSIM (gaussian 11, σ 1.5)",
+                    "lpips": lpips.name, "lpips_skipped": lpips.skipped_reason(),
+                    "compared_at": "the crop effnet saw; the Stage A decode (4/3 of it) resized with antialias"},
+        "overall": _stats(samples),
+        "by_shard": groups["shard"], "by_bucket": groups["bucket"], "by_encoder_version": groups["encoder_version"],
+        "worst_by": "lpips" if lpips_on else "psnr",
+        "worst": _worst(samples, config.worst_k, lpips_on),
+        "samples": samples,
+        "rejects": [{"key": r[c.KEY], "shard": str(r[c.SOURCE_SHARD]), "step": r[c.REJECT_STEP],
+                     "reason": r[c.REJECT_REASON], "detail": r[c.REJECT_DETAIL]} for r in rejected],
+    }  # fmt: skip
+
+
+def _write(config: ReportConfig, report: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    """Images first, then ``report.json``, then ``report.html`` (a page never points at missing images)."""
+    from pipelines.report.html import render_html
+
+    out, options = config.output_dir.rstrip("/"), config.output_options()
+    good = [r for r in results if not r[c.REJECT_REASON]]
+    for sample, row in zip(report["samples"], good, strict=True):
+        for kind, column in (
+            ("original", ORIGINAL_PNG),
+            ("reconstruction", RECON_PNG),
+            ("difference", DIFF_PNG),
+        ):
+            write_bytes(f"{out}/{sample['images'][kind]}", bytes(row[column]), options)
+    write_bytes(f"{out}/report.json", json.dumps(report, indent=2).encode(), options)
+    write_bytes(f"{out}/report.html", render_html(report).encode(), options)

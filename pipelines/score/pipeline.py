@@ -1,0 +1,224 @@
+"""Score image–text shards: one CLIP ViT-L/14 image pass gives the image embedding, the LAION aesthetic
+score and the CLIP image–text similarity; cheap scores (size, aspect, caption length) and the sample JSON's
+watermark/nsfw probabilities come along. Scores are stored per key in Parquet, with the unnormalised
+CLIP-L ``image_embeds`` that the encode step reuses as Stage C's ``clip_img``.
+
+Pipeline: shard rows → ``ReadShard`` (tasks) → ``ScoreSamples`` (actor pool, model loaded once per actor)
+→ ``WriteParquet`` (tasks). Undecodable images become rejects with their reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines.core.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb, to_float_chw
+from pipelines.core.plan import Plan, PlannedStep
+from pipelines.core.sink import WriteParquet, WriteParquetConfig, summarize
+from pipelines.core.sources import READ_COLUMNS, SourceConfig, caption_text, list_shards, read_shard
+from pipelines.core.step import Batch, Resources, Step, healthy, reject
+from schemas import FileMetadata, preprocessing_hash, scores_schema
+from schemas.columns import (
+    AESTHETIC_SCORE,
+    ASPECT_RATIO,
+    CAPTION,
+    CAPTION_LENGTH,
+    CLIP_IMAGE_EMBEDS,
+    CLIP_SIMILARITY,
+    HEIGHT,
+    IMAGE,
+    KEY,
+    META_JSON,
+    NSFW_PROBABILITY,
+    SOURCE,
+    WATERMARK_PROBABILITY,
+    WIDTH,
+)
+
+SCORE_COLUMNS = (
+    KEY, SOURCE, WIDTH, HEIGHT, ASPECT_RATIO, CAPTION_LENGTH, AESTHETIC_SCORE, CLIP_SIMILARITY,
+    CLIP_IMAGE_EMBEDS, WATERMARK_PROBABILITY, NSFW_PROBABILITY,
+)  # fmt: skip
+# Names metadata fields go by in common datasets (LAION: pwatermark/punsafe; COYO: watermark_score, nsfw_score_*).
+META_FIELDS = {
+    WATERMARK_PROBABILITY: ("watermark_probability", "pwatermark", "watermark_score"),
+    NSFW_PROBABILITY: ("nsfw_probability", "punsafe", "nsfw_score_opennsfw2", "nsfw_score"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScorerConfig:
+    """The scoring model: a flavor plus local weights (tiny flavors run on seeded random weights)."""
+
+    flavor: str = "clip_score/l14"
+    clip_weights: str | None = None
+    aesthetic_weights: str | None = None
+    device: str = "cpu"
+    max_pixels: int = PILLOW_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        from stages.scorers import FLAVORS
+
+        if self.flavor not in FLAVORS:
+            raise ValueError(f"scorer.flavor={self.flavor!r}; known: {', '.join(FLAVORS)}")
+        tiny = self.flavor.endswith("/tiny")
+        if not tiny and (self.clip_weights is None or self.aesthetic_weights is None):
+            raise ValueError(
+                f"scorer.clip_weights and scorer.aesthetic_weights are required for {self.flavor} (random "
+                "weights give meaningless scores); use clip_score/tiny for a dry run"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig:
+    """A score job: ingested shards in, scores Parquet out."""
+
+    shards: SourceConfig
+    output_dir: str
+    scorer: ScorerConfig
+    output_endpoint_url: str | None = None
+    read_resources: Resources = dataclasses.field(
+        default_factory=lambda: Resources(batch_size=1, concurrency=2)
+    )
+    score_resources: Resources = dataclasses.field(default_factory=lambda: Resources(batch_size=32))
+    write_resources: Resources = dataclasses.field(default_factory=lambda: Resources(batch_size=4096))
+
+    def __post_init__(self) -> None:
+        if self.shards.kind != "webdataset":
+            raise ValueError(f"shards.kind={self.shards.kind!r}: score reads ingested WebDataset shards")
+
+
+class ReadShard(Step):
+    """Expand shard rows into sample rows (one output batch per ``batch_rows`` samples)."""
+
+    name = "read"
+    requires = ("shard_index", "uris")
+    produces = READ_COLUMNS
+
+    def __call__(self, batch: Batch) -> Iterator[Batch]:
+        for shard_index, uris in zip(batch["shard_index"], batch["uris"], strict=True):
+            yield from read_shard(self.config, {"shard_index": int(shard_index), "uris": list(uris)})
+
+
+def _meta_value(meta: dict[str, Any], names: tuple[str, ...]) -> float:
+    for name in names:
+        value = meta.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return float("nan")
+
+
+class ScoreSamples(Step):
+    """Decode each image once, score the batch with one CLIP pass, fill the score columns."""
+
+    name = "score"
+    requires = (KEY, CAPTION, IMAGE, META_JSON)
+    produces = SCORE_COLUMNS[2:]
+    stateful = True
+
+    def __init__(self, config: ScorerConfig) -> None:
+        super().__init__(config)
+        import torch
+
+        from stages.scorers import FLAVORS, ClipScorer
+
+        flavor = FLAVORS[config.flavor]
+        if config.clip_weights is None:
+            scorer = ClipScorer(flavor)
+        else:
+            scorer = ClipScorer.load(
+                flavor, clip_weights=config.clip_weights, aesthetic_weights=config.aesthetic_weights
+            )
+        self.scorer = scorer.to(config.device)
+        self.torch = torch
+
+    def _outputs(self, n: int) -> Batch:
+        dim = self.scorer.config.embed_dim
+        out: Batch = {c: np.full(n, np.nan, dtype=np.float32) for c in
+                      (ASPECT_RATIO, AESTHETIC_SCORE, CLIP_SIMILARITY, WATERMARK_PROBABILITY, NSFW_PROBABILITY)}  # fmt: skip
+        out |= {
+            WIDTH: np.zeros(n, np.int32),
+            HEIGHT: np.zeros(n, np.int32),
+            CAPTION_LENGTH: np.zeros(n, np.int32),
+        }
+        out[CLIP_IMAGE_EMBEDS] = np.zeros((n, dim), dtype=np.float32)
+        return out
+
+    def __call__(self, batch: Batch) -> Batch:
+        out = self._outputs(len(batch[KEY]))
+        batch[CAPTION] = np.asarray([caption_text(c) for c in batch[CAPTION]], dtype=object)  # text once
+        rows, images = [], []
+        for i in healthy(batch):
+            try:
+                rgb = decode_rgb(bytes(batch[IMAGE][i]), max_pixels=self.config.max_pixels)
+            except ImageError as exc:
+                reject(batch, i, self.name, exc.reason, exc.detail)
+                continue
+            rows.append(i)
+            images.append(self.torch.from_numpy(to_float_chw(rgb)))
+        if rows:
+            result = self.scorer.score(images, [batch[CAPTION][i] for i in rows])
+            out[CLIP_IMAGE_EMBEDS][rows] = result.image_embeds.cpu().numpy()
+            out[AESTHETIC_SCORE][rows] = result.aesthetic.cpu().numpy()
+            out[CLIP_SIMILARITY][rows] = result.clip_similarity.cpu().numpy()
+        for j, i in enumerate(rows):
+            h, w = images[j].shape[-2:]
+            out[WIDTH][i], out[HEIGHT][i], out[ASPECT_RATIO][i] = w, h, w / h
+            out[CAPTION_LENGTH][i] = len(batch[CAPTION][i])
+            try:
+                meta = json.loads(batch[META_JSON][i] or "{}")
+            except json.JSONDecodeError:
+                meta = {}
+            for column, names in META_FIELDS.items():
+                out[column][i] = _meta_value(meta if isinstance(meta, dict) else {}, names)
+        return batch | out
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    output_dir: str
+    n_scored: int
+    n_rejected: int
+
+
+def score_plan(config: ScoreConfig) -> Plan:
+    """The checked plan of a score job (config errors surface here, before Ray)."""
+    from stages.scorers import FLAVORS
+
+    flavor = FLAVORS[config.scorer.flavor]
+    schema = scores_schema(flavor.embed_dim)
+    meta = FileMetadata(
+        schema_id=schema.id,
+        encoder_flavors={"clip_score": config.scorer.flavor},
+        preprocessing_hash=preprocessing_hash(flavor.vision.preprocess_spec()),
+        tensor_shapes=schema.tensor_specs,
+    )
+    writer = WriteParquetConfig(
+        output_dir=config.output_dir, metadata=meta, endpoint_url=config.output_endpoint_url
+    )
+    plan = Plan(
+        ("shard_index", "uris"),
+        [
+            PlannedStep(ReadShard, config.shards, config.read_resources),
+            PlannedStep(ScoreSamples, config.scorer, config.score_resources),
+            PlannedStep(WriteParquet, writer, config.write_resources),
+        ],
+    )
+    plan.check()
+    return plan
+
+
+def run_score(config: ScoreConfig) -> ScoreSummary:
+    """Score every ingested shard on the current Ray cluster."""
+    import ray
+
+    plan = score_plan(config)
+    shards = list_shards(config.shards)
+    ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
+    n_scored, n_rejected = summarize(plan.apply(ds).take_all())
+    return ScoreSummary(config.output_dir, n_scored, n_rejected)
