@@ -80,11 +80,11 @@ JOBS: dict[str, Job] = {
                   "URL lists (img2dataset, SSRF-guarded) or WebDataset/Parquet/folders into image–text shards"),
     "score": Job("score", ScoreConfig, run_score, True,
                  "CLIP aesthetic + image–text similarity + size scores per key, with the CLIP-L embedding"),
-    "filter": Job("filter", FilterConfig, run_filter, False,
+    "filter": Job("filter", FilterConfig, run_filter, True,
                   "apply declarative rules to stored scores; write kept keys and per-rule drop counts"),
     "encode": Job("encode", EncodeConfig, run_encode, True,
                   "effnet/Stage A latents + CLIP-bigG text + CLIP-L image embeddings into Parquet/WebDataset, once"),
-    "export": Job("export", ExportConfig, run_export, False,
+    "export": Job("export", ExportConfig, run_export, True,
                   "latents as Parquet for third-party models: one folder per bucket, tensors readable by "
                   "pyarrow, polars, duckdb and HF datasets"),
     "report": Job("report", ReportConfig, run_report, True,

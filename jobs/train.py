@@ -12,15 +12,15 @@ resumes from the newest one exactly (same batches, same random draws).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
-from jobs.train_checkpoint import STATE_FILE
+from jobs.train_checkpoint import complete_state
 from jobs.train_config import TrainConfig
+from pipelines.core.notice import notice
 from pipelines.train_data.batches import (
     Cache,
     ReadSpec,
@@ -112,15 +112,15 @@ def _check_controlnet(config: TrainConfig) -> None:
 
 
 def latest_checkpoint(config: TrainConfig) -> tuple[str | None, dict[str, Any] | None]:
-    """The newest ``checkpoint_*`` directory of this run (URI) and its trainer state, if any."""
+    """The newest complete ``checkpoint_*`` directory of this run (URI) and its trainer state, if any (one
+    that a killed run left half persisted is passed over, with a notice)."""
     fs, root = fsspec.core.url_to_fs(config.run_dir, **config.storage_options)
-    states = sorted(fs.glob(f"{root}/checkpoint_*/{STATE_FILE}"))
-    if not states:
-        return None, None
-    newest = max(states, key=lambda p: json.loads(fs.cat_file(p))["step"])
-    directory = newest.rsplit("/", 1)[0]
-    uri = directory if "file" in _protocols(fs) else fs.unstrip_protocol(directory)
-    return uri, json.loads(fs.cat_file(newest))
+    for directory in sorted(fs.glob(f"{root}/checkpoint_*"), reverse=True):  # names carry the step, 8 digits
+        state = complete_state(fs, directory)
+        if state is not None:
+            return (directory if "file" in _protocols(fs) else fs.unstrip_protocol(directory)), state
+        notice(f"{directory} is an incomplete checkpoint (a run was stopped while it was saved): passed over")
+    return None, None
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

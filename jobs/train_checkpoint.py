@@ -7,8 +7,11 @@ A checkpoint directory holds:
   diffusers' ``StableCascadeUNet`` through ``stages.diffusers_keys``;
 - ``optimizer.safetensors``: the optimizer's tensors keyed ``{param name}/{state}`` (names, not indices, so
   DDP/FSDP wrappers do not matter); its param groups and scalars go in ``trainer_state.json``;
-- ``trainer_state.json``: step, adaptive-loss buckets, the data position (the next step), the run's config.
+- ``trainer_state.json``: step, adaptive-loss buckets, the data position (the next step), the run's config,
+  and the byte size of every other file of the checkpoint.
 
+A checkpoint is complete when its ``trainer_state.json`` parses and every file it lists has its size: a run
+killed while Ray Train persisted a checkpoint leaves an incomplete one, which ``complete_state`` refuses.
 Nothing is pickled. Writing goes to a local directory that Ray Train then persists (local or s3).
 """
 
@@ -64,13 +67,27 @@ def write_checkpoint(
         save_weights({k: v.detach().cpu() for k, v in state.items()}, directory / f"{name}.safetensors")
     tensors, structure = optimizer_to_tensors(optimizer_state)
     save_weights(tensors, directory / OPTIMIZER_FILE)
-    (directory / STATE_FILE).write_text(json.dumps(trainer_state | {"optimizer": structure}, indent=1))
+    sizes = {p.name: p.stat().st_size for p in sorted(directory.glob("*.safetensors"))}
+    state = trainer_state | {"optimizer": structure, "files": sizes}
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def complete_state(fs: Any, directory: str) -> dict[str, Any] | None:
+    """The trainer state of the checkpoint at ``directory`` on ``fs`` (fsspec), or None when it is incomplete:
+    its state does not parse, or a file it lists is missing or has another size."""
+    try:
+        state = json.loads(fs.cat_file(f"{directory}/{STATE_FILE}"))
+        sizes = {name: fs.size(f"{directory}/{name}") for name in state["files"]}
+    except (OSError, ValueError, KeyError):
+        return None
+    return state if sizes == state["files"] else None
 
 
 def read_checkpoint(directory: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict]:
     """(weights by name, optimizer state dict, trainer state) of a checkpoint directory."""
     directory = Path(directory)
     trainer_state = json.loads((directory / STATE_FILE).read_text())
+    trainer_state.pop("files", None)
     optimizer = optimizer_from_tensors(
         read_safetensors(directory / OPTIMIZER_FILE).state_dict, trainer_state.pop("optimizer")
     )

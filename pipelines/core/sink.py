@@ -1,35 +1,40 @@
-"""Split a stream into its healthy rows and its rejects, and write both as Parquet with metadata.
+"""The end of a streaming table pipeline: stage each shard's rows and rejects, merge them at commit.
 
-A ``WriteParquet`` step ends a pipeline: each batch becomes ``part-<hash>.parquet`` (healthy rows, the
-configured columns, the record schema's metadata) and ``rejects/part-<hash>.parquet`` (key, source, step,
-reason, detail). The name hashes the batch's keys, so a retried task rewrites the same files instead of
-adding new ones.
+``StageRows`` ends a pipeline (score's): per input shard in a batch, the healthy rows become one staged part
+(``_staging/<shard>/_parts/<hash>.parquet``, the record schema's columns and metadata) and the rejected ones a
+staged rejects part; it returns one summary row per shard (``pipelines.core.completion``). The part name
+hashes the batch's keys, so a retried task rewrites the same file. When the driver sees a shard complete,
+``MergeParts`` (run by the commit task) merges its parts into ``parquet/<shard>.parquet``, sorted by key: the same
+bytes whatever the batch sizes were.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.core.by_shard import shard_file, sorted_by_key
+from pipelines.core.commits import STAGING, CommitStore
+from pipelines.core.completion import SHARD_ID, SUMMARY_COLUMNS, ShardSummary, is_marker
 from pipelines.core.step import Batch, Step, healthy
-from pipelines.core.storage import write_bytes
+from pipelines.core.storage import table_bytes
 from schemas import REJECTS, FileMetadata, RecordSchema, attach_metadata, get_schema
 from schemas.columns import DETAIL, KEY, REASON, REJECT_DETAIL, REJECT_REASON, REJECT_STEP, SOURCE, STEP
 from schemas.tensors import nested_list_array
 
 
 @dataclass(frozen=True, kw_only=True)
-class WriteParquetConfig:
-    """Where and what a pipeline writes.
+class StageConfig:
+    """Where and what a table pipeline writes.
 
     Attributes:
-        output_dir: directory (local or fsspec URL) for ``part-*.parquet``; rejects go to ``rejects/``.
+        output_dir: the job's output directory (local or fsspec URL).
         metadata: the record schema id and the encoder flavors/weights/preprocessing stored in every file.
         endpoint_url: S3-compatible endpoint (None: AWS defaults).
     """
@@ -51,6 +56,10 @@ class WriteParquetConfig:
     def columns(self) -> tuple[str, ...]:
         return tuple(self.schema.arrow.names)
 
+    @property
+    def store(self) -> CommitStore:
+        return CommitStore(self.output_dir, {"endpoint_url": self.endpoint_url} if self.endpoint_url else {})
+
 
 def _column(values: np.ndarray, field: pa.Field) -> pa.Array:
     if values.ndim > 1:
@@ -70,56 +79,73 @@ def rejects_table(batch: Batch, rows: np.ndarray) -> pa.Table:
     return attach_metadata(pa.table(values), REJECTS)
 
 
-def _to_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+def part_name(batch: Batch, rows: Any) -> str:
+    """A part's name from its keys: a retried task writes the same name, so it replaces its own file."""
+    return hashlib.sha1("\n".join(str(batch[KEY][i]) for i in rows).encode()).hexdigest()[:20]
 
 
-class WriteParquet(Step):
-    """Terminal step: write healthy rows and rejects of each batch; returns one summary row per batch."""
+def rows_by_shard(batch: Batch) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per shard in the batch: (healthy rows, rejected rows), end markers excluded."""
+    ok = np.zeros(len(batch[KEY]), dtype=bool)
+    ok[healthy(batch)] = True
+    bad = ~ok & ~is_marker(batch)
+    shards = np.asarray([str(s) for s in batch[SHARD_ID]], dtype=object)
+    return {
+        s: (np.flatnonzero(ok & (shards == s)), np.flatnonzero(bad & (shards == s)))
+        for s in sorted(set(shards))
+    }
+
+
+def stage_rejects(
+    store: CommitStore, summary: ShardSummary, shard: str, batch: Batch, rows: np.ndarray
+) -> None:
+    """Stage one batch's rejected ``rows`` of ``shard`` and count them."""
+    if len(rows):
+        store.stage_rejects(shard, part_name(batch, rows), rejects_table(batch, rows))
+        reasons = Counter(f"reason:{batch[REJECT_REASON][i]}" for i in rows)
+        summary.count(shard, n_rejected=len(rows), **reasons)
+
+
+class StageRows(Step):
+    """Terminal step: stage each shard's healthy rows and rejects; returns one summary row per shard."""
 
     name = "write"
-    requires = (KEY, SOURCE)
-    produces = ("n_written", "n_rejected", "part")
+    requires = (KEY, SOURCE, SHARD_ID)
+    produces = SUMMARY_COLUMNS
 
     @classmethod
-    def required_columns(cls, config: WriteParquetConfig) -> tuple[str, ...]:
+    def required_columns(cls, config: StageConfig) -> tuple[str, ...]:
         return tuple(dict.fromkeys((*cls.requires, *config.columns)))
 
     def __call__(self, batch: Batch) -> Batch:
-        cfg: WriteParquetConfig = self.config
-        keys = [str(k) for k in batch[KEY]]
-        part = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:20]
-        ok = healthy(batch)
-        bad = np.setdiff1d(np.arange(len(keys)), ok)
-        options = {"endpoint_url": cfg.endpoint_url} if cfg.endpoint_url else {}
-        base = cfg.output_dir.rstrip("/")
-        if len(ok):
-            schema = cfg.schema
-            table = pa.table({f.name: _column(batch[f.name][ok], f) for f in schema.arrow})
-            write_bytes(
-                f"{base}/part-{part}.parquet",
-                _to_bytes(attach_metadata(table, schema, cfg.metadata)),
-                options,
-            )
-        if len(bad):
-            write_bytes(f"{base}/rejects/part-{part}.parquet", _to_bytes(rejects_table(batch, bad)), options)
-        return {"n_written": np.asarray([len(ok)]), "n_rejected": np.asarray([len(bad)]),
-                "part": np.asarray([part], dtype=object)}  # fmt: skip
+        cfg: StageConfig = self.config
+        store, schema = cfg.store, cfg.schema
+        summary = ShardSummary(batch)
+        for shard, (ok, bad) in rows_by_shard(batch).items():
+            if len(ok):
+                table = pa.table({f.name: _column(batch[f.name][ok], f) for f in schema.arrow})
+                relpath = f"_parts/{part_name(batch, ok)}.parquet"
+                store.stage(shard, relpath, table_bytes(attach_metadata(table, schema, cfg.metadata)))
+                summary.add_part(shard, {"path": relpath, "rows": len(ok)})
+                summary.count(shard, n_written=len(ok))
+            stage_rejects(store, summary, shard, batch, bad)
+        return summary.batch()
 
 
-def list_parquet(path: str, storage_options: dict[str, Any] | None = None) -> tuple[list[str], Any]:
-    """The data Parquet files under ``path`` (a file or a directory; ``rejects/`` excluded) and their filesystem."""
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    if fs.isfile(root):
-        return [root], fs
-    files = sorted(p for p in fs.find(root) if p.endswith(".parquet") and "/rejects/" not in p)
-    if not files:
-        raise FileNotFoundError(f"{path!r}: no Parquet files found")
-    return files, fs
+@dataclass(frozen=True)
+class MergeParts:
+    """Commit-task hook: a shard's staged parts → ``parquet/<shard>.parquet``, sorted by key (empty if none)."""
 
+    schema: RecordSchema
+    metadata: FileMetadata
 
-def summarize(rows: list[dict[str, Any]]) -> tuple[int, int]:
-    """Totals of written and rejected rows from the summary rows of ``WriteParquet``."""
-    return sum(int(r["n_written"]) for r in rows), sum(int(r["n_rejected"]) for r in rows)
+    def __call__(self, store: CommitStore, shard: str, record: dict[str, Any]) -> dict[str, Any]:
+        staging = f"{store.path}/{STAGING}/{shard}"
+        tables = [pq.read_table(store.fs.open(f"{staging}/{p['path']}", "rb")) for p in record["parts"]]
+        table = pa.concat_tables(tables) if tables else self.schema.arrow.empty_table()
+        table = attach_metadata(
+            sorted_by_key(table.select(self.schema.arrow.names)), self.schema, self.metadata
+        )
+        store.stage(shard, shard_file(shard), table_bytes(table))
+        files = [{"path": shard_file(shard), "rows": table.num_rows}]
+        return {k: v for k, v in record.items() if k != "parts"} | {"files": files}

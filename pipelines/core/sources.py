@@ -76,10 +76,17 @@ def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
 
 
+def _hidden(relpath: str) -> bool:
+    """A path below the root inside a ``_`` or ``.`` folder: staging, commit records, converted copies."""
+    return any(part.startswith(("_", ".")) for part in relpath.split("/")[:-1])
+
+
 def _find(config: SourceConfig, extensions: tuple[str, ...]) -> list[str]:
     fs, root = _filesystem(config)
     if fs.isdir(root):
-        paths = [p for p in fs.find(root) if p.rsplit(".", 1)[-1].lower() in extensions]
+        base = root.rstrip("/") + "/"
+        paths = [p for p in fs.find(root)
+                 if p.rsplit(".", 1)[-1].lower() in extensions and not _hidden(p[len(base):])]  # fmt: skip
     elif any(ch in root for ch in "*?["):
         paths = fs.glob(root)
     else:
@@ -87,6 +94,11 @@ def _find(config: SourceConfig, extensions: tuple[str, ...]) -> list[str]:
     if not paths:
         raise FileNotFoundError(f"source.path={config.path!r}: no {'/'.join(extensions)} files found")
     return sorted(_unstrip(fs, p) for p in paths)
+
+
+def shard_id(uri: str) -> str:
+    """An input shard's id: its file name without extension (``.../00012.tar`` → ``00012``)."""
+    return posixpath.basename(uri.rstrip("/")).split(".", 1)[0]
 
 
 def list_shards(config: SourceConfig) -> list[dict[str, Any]]:
@@ -100,6 +112,20 @@ def list_shards(config: SourceConfig) -> list[dict[str, Any]]:
         n = config.samples_per_shard
         groups = [images[i : i + n] for i in range(0, len(images), n)]
     return [{"shard_index": i, "uris": uris} for i, uris in enumerate(groups)]
+
+
+def unique_shards(source: SourceConfig) -> dict[str, dict[str, Any]]:
+    """The source's shards by id (output names derive from the shard file names, which must be unique)."""
+    shards: dict[str, dict[str, Any]] = {}
+    for shard in list_shards(source):
+        sid = shard_id(shard["uris"][0])
+        if sid in shards:
+            raise ValueError(
+                f"shards.path={source.path!r}: {shard['uris'][0]} and {shards[sid]['uris'][0]} share the id "
+                f"{sid!r} (output names derive from the shard file names, which must be unique)"
+            )
+        shards[sid] = shard
+    return shards
 
 
 class _Rows:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
@@ -19,3 +21,10 @@ def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = 
         fs.mv(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """A table as the bytes of one Parquet file (pyarrow defaults)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()

@@ -1,23 +1,30 @@
 """Filter stored scores with declarative rules (field, op, value): no re-scoring, no eval of strings.
 
-Rules are applied with pyarrow compute over a streaming scan of the scores Parquet. Outputs:
-``kept_keys.parquet`` (key, source) and ``filter_report.json`` with, per rule, how many rows failed it and
-how many it dropped first (rules apply in order).
+One Ray task per scores shard reads that shard's ``<shard>.parquet`` (only the rule columns), applies the
+rules with pyarrow compute and commits ``parquet/<shard>.parquet`` of kept keys (key, source) in ``output_dir``, with
+the shard's counts in its commit record. The driver adds the counts up into ``filter_report.json`` (per
+rule: rows that failed it, rows it dropped first; rules apply in order) and writes ``manifest.json`` last.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipelines.core.sink import list_parquet
-from pipelines.core.storage import write_bytes
+from pipelines.core.by_shard import LAYOUT, open_per_shard, shard_file, shard_path
+from pipelines.core.commits import CommitStore, JobOutput
+from pipelines.core.completion import SHARD_ID
+from pipelines.core.plan import Plan, PlannedStep
+from pipelines.core.step import Batch, Resources, Step, object_column
+from pipelines.core.storage import table_bytes
 from schemas import validate_table
 from schemas.columns import KEY, SOURCE
 
@@ -75,12 +82,27 @@ class Rule:
 
 @dataclass(frozen=True, kw_only=True)
 class FilterConfig:
-    """A filter job over stored scores."""
+    """A filter job over stored scores.
+
+    Attributes:
+        scores_dir: a ``cascade score`` output (an older single-folder scores output is partitioned by shard
+            once, into ``output_dir/_inputs/scores``).
+        output_dir: where ``parquet/<shard>.parquet`` (kept keys), ``filter_report.json`` and ``manifest.json`` go.
+        rules: applied in order; a row is kept when every rule keeps it.
+        endpoint_url: S3 endpoint of ``scores_dir``; output_endpoint_url: of ``output_dir``.
+        on_stale: an output made with other rules or scores: ``redo`` (default: filtering is cheap) or
+            ``refuse``.
+        resources: one task per shard.
+    """
 
     scores_dir: str
     output_dir: str
     rules: tuple[Rule, ...]
     endpoint_url: str | None = None
+    output_endpoint_url: str | None = None
+    on_stale: str = "redo"
+    resources: Resources = dataclasses.field(default_factory=lambda: Resources(num_cpus=0.5, batch_size=1,
+                                                                                 concurrency=8))  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.rules:
@@ -88,54 +110,122 @@ class FilterConfig:
         if not all(isinstance(r, Rule) for r in self.rules):
             raise ValueError("rules must be Rule(field, op, value) entries")
 
+    @property
+    def input_options(self) -> dict[str, Any]:
+        return {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+
+    @property
+    def store(self) -> CommitStore:
+        endpoint = self.output_endpoint_url or self.endpoint_url
+        return CommitStore(self.output_dir, {"endpoint_url": endpoint} if endpoint else {})
+
 
 @dataclass(frozen=True)
 class FilterSummary:
+    n_shards: int
     n_input: int
     n_kept: int
     failed: dict[str, int]
     dropped_first: dict[str, int]
 
 
-def _dataset(config: FilterConfig) -> pads.Dataset:
-    options = {"endpoint_url": config.endpoint_url} if config.endpoint_url else {}
-    try:
-        files, fs = list_parquet(config.scores_dir, options)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"scores_dir: {exc}") from None
-    for path in files:  # refuse anything that is not scores@1 before reading a single row
-        with fs.open(path, "rb") as f:
-            validate_table(pq.read_schema(f).empty_table(), "scores@1", source=path)
-    return pads.dataset(files, format="parquet", filesystem=fs)
+@dataclass(frozen=True, kw_only=True)
+class ShardFilterConfig:
+    """What each filter task needs: where the scores are, the rules, and the output store."""
+
+    scores_root: str
+    storage_options: dict[str, Any]
+    rules: tuple[Rule, ...]
+    store: CommitStore
+
+
+def apply_rules(table: pa.Table, rules: Sequence[Rule]) -> tuple[pa.Table, dict[str, int]]:
+    """The kept rows (key, source) and the counts: n_input, n_kept, ``failed:<rule>``, ``dropped:<rule>``."""
+    alive = pa.chunked_array([pa.array([True] * table.num_rows, pa.bool_())])
+    counts = {"n_input": table.num_rows}
+    for rule in rules:
+        keep = rule.keep(table[rule.field])
+        counts[f"failed:{rule.label}"] = table.num_rows - (pc.sum(keep).as_py() or 0)
+        counts[f"dropped:{rule.label}"] = pc.sum(pc.and_(alive, pc.invert(keep))).as_py() or 0
+        alive = pc.and_(alive, keep)
+    kept = table.select([KEY, SOURCE]).filter(alive)
+    return kept, counts | {"n_kept": kept.num_rows}
+
+
+class FilterShards(Step):
+    """One task per shard: read its scores (rule columns only), keep rows, commit its kept keys."""
+
+    name = "filter"
+    requires = (SHARD_ID,)
+    produces = (SHARD_ID, "record")
+
+    def __call__(self, batch: Batch) -> Batch:
+        cfg: ShardFilterConfig = self.config
+        columns = list(dict.fromkeys([KEY, SOURCE, *(r.field for r in cfg.rules)]))
+        records = []
+        for shard in batch[SHARD_ID]:
+            path = shard_path(cfg.scores_root, str(shard))
+            fs, local = fsspec.core.url_to_fs(path, **cfg.storage_options)
+            with fs.open(local, "rb") as f:
+                scores = pq.ParquetFile(f)
+                validate_table(scores.schema_arrow.empty_table(), "scores@1", source=path)
+                table = scores.read(columns=columns)
+            kept, counts = apply_rules(table, cfg.rules)
+            cfg.store.stage(str(shard), shard_file(str(shard)), table_bytes(kept))
+            files = [{"path": shard_file(str(shard)), "rows": kept.num_rows}]
+            records.append(cfg.store.commit(str(shard), {"shard_id": str(shard), "files": files, **counts}))
+        return {SHARD_ID: object_column(str(s) for s in batch[SHARD_ID]),
+                "record": object_column(json.dumps(r) for r in records)}  # fmt: skip
+
+
+def check_rules(schema: pa.Schema, rules: Sequence[Rule]) -> None:
+    """Refuse rules on unknown fields, or whose value does not compare with the field's type, before Ray."""
+    unknown = sorted({r.field for r in rules} - set(schema.names))
+    if unknown:
+        raise ValueError(f"rules refer to unknown score fields {unknown}; available: {schema.names}")
+    empty = schema.empty_table()
+    for rule in rules:
+        try:
+            rule.keep(empty[rule.field])
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(
+                f"rule {rule.label!r}: {rule.field} is {schema.field(rule.field).type}: {exc}"
+            ) from None
 
 
 def run_filter(config: FilterConfig) -> FilterSummary:
-    """Apply the rules to every scored row; write the kept keys and the per-rule report."""
-    dataset = _dataset(config)
-    unknown = sorted({r.field for r in config.rules} - set(dataset.schema.names))
-    if unknown:
-        raise ValueError(f"rules refer to unknown score fields {unknown}; available: {dataset.schema.names}")
+    """Apply the rules to every scored shard on the current Ray cluster; write kept keys and the report."""
+    import ray
+
+    store = config.store
+    scores_root, scores = open_per_shard(config.scores_dir, config.input_options, field="scores_dir",
+                                         convert_to=CommitStore(f"{store.root}/_inputs/scores", store.options),
+                                         schema_id="scores@1")  # fmt: skip
+    shards = sorted(scores["shards"])
+    if not shards:
+        raise FileNotFoundError(f"scores_dir={config.scores_dir!r}: the scores hold no shards")
+    first = shard_path(scores_root, shards[0])
+    fs, local = fsspec.core.url_to_fs(first, **config.input_options)
+    schema = validate_table(pq.read_schema(fs.open(local, "rb")).empty_table(), "scores@1", source=first)
+    check_rules(pq.read_schema(fs.open(local, "rb")), config.rules)
+    fingerprint = {"rules": [dataclasses.asdict(r) for r in config.rules], "scores": scores.get("fingerprint"),
+                   "scores_schema": schema.schema_id}  # fmt: skip
+    output = JobOutput(store, fingerprint, config.on_stale)
+    todo = output.start(shards)
+    new = {}
+    if todo:
+        task = ShardFilterConfig(scores_root=scores_root, storage_options=config.input_options, rules=config.rules,
+                                 store=store)  # fmt: skip
+        plan = Plan((SHARD_ID,), [PlannedStep(FilterShards, task, config.resources)])
+        ds = ray.data.from_items([{SHARD_ID: s} for s in todo], override_num_blocks=len(todo))
+        for batch in plan.apply(ds).iter_batches(batch_size=None, batch_format="numpy"):
+            new |= {str(s): json.loads(r) for s, r in zip(batch[SHARD_ID], batch["record"], strict=True)}
+    manifest = output.finish(new, shards, schema="kept_keys", layout=LAYOUT, scores_dir=config.scores_dir)
+    totals = manifest["totals"]
     labels = [r.label for r in config.rules]
-    failed, dropped = dict.fromkeys(labels, 0), dict.fromkeys(labels, 0)
-    kept, n_input = [], 0
-    columns = list(dict.fromkeys([KEY, SOURCE, *(r.field for r in config.rules)]))
-    for record_batch in dataset.to_batches(columns=columns):
-        table = pa.Table.from_batches([record_batch])
-        n_input += table.num_rows
-        alive = pa.chunked_array([pa.array([True] * table.num_rows)])
-        for rule in config.rules:
-            keep = rule.keep(table[rule.field])
-            failed[rule.label] += table.num_rows - pc.sum(keep).as_py() if table.num_rows else 0
-            dropped[rule.label] += pc.sum(pc.and_(alive, pc.invert(keep))).as_py() or 0
-            alive = pc.and_(alive, keep)
-        kept.append(table.select([KEY, SOURCE]).filter(alive))
-    kept_table = pa.concat_tables(kept) if kept else pa.table({KEY: [], SOURCE: []})
-    summary = FilterSummary(n_input, kept_table.num_rows, failed, dropped)
-    options = {"endpoint_url": config.endpoint_url} if config.endpoint_url else {}
-    sink = pa.BufferOutputStream()
-    pq.write_table(kept_table, sink)
-    base = config.output_dir.rstrip("/")
-    write_bytes(f"{base}/kept_keys.parquet", sink.getvalue().to_pybytes(), options)
+    summary = FilterSummary(len(shards), totals.get("n_input", 0), totals.get("n_kept", 0),
+                            {label: totals.get(f"failed:{label}", 0) for label in labels},
+                            {label: totals.get(f"dropped:{label}", 0) for label in labels})  # fmt: skip
     report = {"rules": [r.__dict__ for r in config.rules], **summary.__dict__}
-    write_bytes(f"{base}/filter_report.json", json.dumps(report, indent=2, default=str).encode(), options)
+    store.write_json("filter_report.json", report)
     return summary

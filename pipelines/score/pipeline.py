@@ -4,7 +4,9 @@ watermark/nsfw probabilities come along. Scores are stored per key in Parquet, w
 CLIP-L ``image_embeds`` that the encode step reuses as Stage C's ``clip_img``.
 
 Pipeline: shard rows → ``ReadShard`` (tasks) → ``ScoreSamples`` (actor pool, model loaded once per actor)
-→ ``WriteParquet`` (tasks). Undecodable images become rejects with their reason.
+→ ``StageRows`` (tasks). Undecodable images become rejects with their reason. Output: one
+``parquet/<shard>.parquet`` per input shard (sorted by key), ``rejects/<shard>.parquet``, the commit records and
+``manifest.json`` last (``pipelines.core.commits``): a rerun, with any batch sizes, gives the same files.
 """
 
 from __future__ import annotations
@@ -17,11 +19,22 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.core.by_shard import LAYOUT
+from pipelines.core.commits import Committer, JobOutput
+from pipelines.core.completion import SHARD_ID, ShardTracker, closed
 from pipelines.core.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb, to_float_chw
 from pipelines.core.plan import Plan, PlannedStep
-from pipelines.core.sink import WriteParquet, WriteParquetConfig, summarize
-from pipelines.core.sources import READ_COLUMNS, SourceConfig, caption_text, list_shards, read_shard
+from pipelines.core.sink import MergeParts, StageConfig, StageRows
+from pipelines.core.sources import (
+    READ_COLUMNS,
+    SourceConfig,
+    caption_text,
+    read_shard,
+    shard_id,
+    unique_shards,
+)
 from pipelines.core.step import Batch, Resources, Step, healthy, reject
+from pipelines.core.validate import drop_repeated_keys
 from schemas import FileMetadata, preprocessing_hash, scores_schema
 from schemas.columns import (
     AESTHETIC_SCORE,
@@ -76,12 +89,21 @@ class ScorerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ScoreConfig:
-    """A score job: ingested shards in, scores Parquet out."""
+    """A score job: ingested shards in, one scores Parquet file per shard out.
+
+    Attributes:
+        shards: the ingested image–text shards (``kind: webdataset``).
+        output_dir: where ``parquet/<shard>.parquet``, ``rejects/``, ``_commits/`` and ``manifest.json`` go.
+        scorer: the CLIP model and the aesthetic head.
+        on_stale: an output scored with another scorer or weights: ``refuse`` or ``redo``.
+        *_resources: Ray resources per step (the scorer is an actor pool).
+    """
 
     shards: SourceConfig
     output_dir: str
     scorer: ScorerConfig
     output_endpoint_url: str | None = None
+    on_stale: str = "refuse"
     read_resources: Resources = dataclasses.field(
         default_factory=lambda: Resources(batch_size=1, concurrency=2)
     )
@@ -94,15 +116,19 @@ class ScoreConfig:
 
 
 class ReadShard(Step):
-    """Expand shard rows into sample rows (one output batch per ``batch_rows`` samples)."""
+    """Expand shard rows into sample rows (one output batch per ``batch_rows`` samples), each shard closed by
+    its end marker; a key repeated within a shard is a reject ("duplicate key"), the first one wins."""
 
     name = "read"
     requires = ("shard_index", "uris")
-    produces = READ_COLUMNS
+    produces = (*READ_COLUMNS, SHARD_ID)
 
     def __call__(self, batch: Batch) -> Iterator[Batch]:
         for shard_index, uris in zip(batch["shard_index"], batch["uris"], strict=True):
-            yield from read_shard(self.config, {"shard_index": int(shard_index), "uris": list(uris)})
+            shard = {"shard_index": int(shard_index), "uris": list(uris)}
+            seen: set[str] = set()
+            rows = (drop_repeated_keys(b, seen, step="score") for b in read_shard(self.config, shard))
+            yield from closed(rows, self.produces, shard_id(shard["uris"][0]), shard["uris"][0])
 
 
 def _meta_value(meta: dict[str, Any], names: tuple[str, ...]) -> float:
@@ -182,12 +208,14 @@ class ScoreSamples(Step):
 @dataclass(frozen=True)
 class ScoreSummary:
     output_dir: str
+    n_shards: int
+    n_skipped_shards: int
     n_scored: int
     n_rejected: int
+    reject_reasons: dict[str, int]
 
 
-def score_plan(config: ScoreConfig) -> Plan:
-    """The checked plan of a score job (config errors surface here, before Ray)."""
+def _stage_config(config: ScoreConfig) -> StageConfig:
     from stages.scorers import FLAVORS
 
     flavor = FLAVORS[config.scorer.flavor]
@@ -198,27 +226,56 @@ def score_plan(config: ScoreConfig) -> Plan:
         preprocessing_hash=preprocessing_hash(flavor.vision.preprocess_spec()),
         tensor_shapes=schema.tensor_specs,
     )
-    writer = WriteParquetConfig(
-        output_dir=config.output_dir, metadata=meta, endpoint_url=config.output_endpoint_url
-    )
+    return StageConfig(output_dir=config.output_dir, metadata=meta, endpoint_url=config.output_endpoint_url)
+
+
+def score_plan(config: ScoreConfig) -> Plan:
+    """The checked plan of a score job (config errors surface here, before Ray)."""
     plan = Plan(
         ("shard_index", "uris"),
         [
             PlannedStep(ReadShard, config.shards, config.read_resources),
             PlannedStep(ScoreSamples, config.scorer, config.score_resources),
-            PlannedStep(WriteParquet, writer, config.write_resources),
+            PlannedStep(StageRows, _stage_config(config), config.write_resources),
         ],
     )
     plan.check()
     return plan
 
 
+def fingerprint(config: ScoreConfig) -> dict[str, Any]:
+    """What makes the stored scores: the scorer flavor, its weights and its preprocessing."""
+    from stages.weights import sha256_of
+
+    stage = _stage_config(config)
+    return {"schema": stage.metadata.schema_id, "scorer": config.scorer.flavor,
+            "preprocessing_hash": stage.metadata.preprocessing_hash,
+            "weights_sha256": {name: sha256_of(path) for name, path in
+                               (("clip", config.scorer.clip_weights), ("aesthetic", config.scorer.aesthetic_weights))
+                               if path}}  # fmt: skip
+
+
 def run_score(config: ScoreConfig) -> ScoreSummary:
-    """Score every ingested shard on the current Ray cluster."""
+    """Score every shard not yet committed in ``output_dir`` on the current Ray cluster."""
     import ray
 
     plan = score_plan(config)
-    shards = list_shards(config.shards)
-    ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
-    n_scored, n_rejected = summarize(plan.apply(ds).take_all())
-    return ScoreSummary(config.output_dir, n_scored, n_rejected)
+    shards = unique_shards(config.shards)
+    stage = _stage_config(config)
+    output = JobOutput(stage.store, fingerprint(config), config.on_stale)
+    todo = set(output.start(shards))
+    committer = Committer(stage.store, MergeParts(stage.schema, stage.metadata))
+    if todo:
+        tracker = ShardTracker()
+        items = [s for i, s in shards.items() if i in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # batch_size=None: every block as soon as it exists, so shards commit while the job runs
+        for batch in plan.apply(ds).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            for record in tracker.add(batch):
+                committer.submit(record["shard_id"], record)
+    manifest = output.finish(committer.wait(), shards, schema=stage.metadata.schema_id, layout=LAYOUT,
+                             shards_path=config.shards.path)  # fmt: skip
+    totals = manifest["totals"]
+    reasons = {k.removeprefix("reason:"): v for k, v in totals.items() if k.startswith("reason:")}
+    return ScoreSummary(config.output_dir, len(shards), len(shards) - len(todo), totals.get("n_written", 0),
+                        totals.get("n_rejected", 0), reasons)  # fmt: skip

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from jobs.train import check_train, read_spec, run_train
+from jobs.train import check_train, latest_checkpoint, read_spec, run_train
 from jobs.train_checkpoint import read_checkpoint
 from jobs.train_config import ControlNetTrainConfig, EmaConfig, PreviewConfig, ScalingSpec, TrainConfig
 from pipelines.train_data.batches import TrainDataConfig, window_micro_batches
@@ -163,18 +163,16 @@ def test_kill_and_resume_repeats_the_uninterrupted_trajectory(cache, one_worker_
     env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env | {"RAY_TMPDIR": ray_tmp}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    run_dir = tmp_path / "stage_c"
+    run_dir, killed_config = tmp_path / "stage_c", dataclasses.replace(one_config, output_dir=str(tmp_path))
     deadline = time.monotonic() + 240
-    while not list(run_dir.glob("checkpoint_*/trainer_state.json")):
+    while latest_checkpoint(killed_config)[1] is None:  # the first complete checkpoint
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint within 240 s"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     kill_marked_processes(f"RAY_TMPDIR={ray_tmp}")  # its Ray: raylet and workers run in sessions of their own
-    killed_at = max(
-        json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/trainer_state.json")
-    )
+    killed_at = latest_checkpoint(killed_config)[1]["step"]  # a checkpoint cut by the kill is passed over
     assert killed_at < 16, "the run finished before it was killed"
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

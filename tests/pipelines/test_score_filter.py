@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -51,8 +50,7 @@ def scored(ingested):
         scorer=ScorerConfig(flavor="clip_score/tiny"),
     )
     summary = run_score(config)
-    files = sorted(p for p in (ingested / "scores").glob("part-*.parquet"))
-    return summary, pads.dataset(files).to_table(), config
+    return summary, pq.read_table(ingested / "scores" / "parquet"), config
 
 
 def test_scores_per_key(scored) -> None:
@@ -112,7 +110,7 @@ def test_filter_rules_and_drop_counts(scored, tmp_path) -> None:
         Rule(field="key", op="not in", value=["camera"]),
     )
     summary = run_filter(FilterConfig(scores_dir=config.output_dir, output_dir=str(tmp_path), rules=rules))
-    kept = set(pq.read_table(tmp_path / "kept_keys.parquet")["key"].to_pylist())
+    kept = set(pq.read_table(tmp_path / "parquet")["key"].to_pylist())
     rows = {r["key"]: r for r in table.to_pylist()}
     expected = {k for k, r in rows.items() if r["width"] >= widths[2] and k not in ("chelsea", "camera")}
     assert kept == expected and summary.n_kept == len(expected) and summary.n_input == len(PHOTOS)
