@@ -8,6 +8,7 @@ file: no scan, no listing. Outputs from before this layout (a single ``kept_keys
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,9 +111,8 @@ def partition_by_shard(
     ds = ray.data.read_parquet(files, filesystem=_arrow_fs(fs)).map_batches(
         _with_shard, batch_format="pyarrow", zero_copy_batch=True
     )
-    written = ds.groupby("_shard").map_groups(
-        _WriteGroup(dest, schema.metadata or {}), batch_format="pyarrow"
-    ).take_all()  # fmt: skip
+    write = functools.partial(_write_group, dest, schema.metadata or {})
+    written = ds.groupby("_shard").map_groups(write, batch_format="pyarrow").take_all()
     shards = {r["shard_id"]: {"shard_id": r["shard_id"], "files": [{"path": shard_file(r["shard_id"]),
                                                                       "rows": int(r["rows"])}]}
               for r in written}  # fmt: skip
@@ -133,17 +133,10 @@ def _with_shard(table: pa.Table) -> pa.Table:
     return table.append_column("_shard", pa.array(ids, pa.string()))
 
 
-class _WriteGroup:
-    """One shard's rows → ``<shard>.parquet``, committed at once (the group is the whole shard)."""
-
-    def __init__(self, dest: CommitStore, metadata: dict[bytes, bytes]) -> None:
-        self.dest, self.metadata = dest, metadata
-
-    def __call__(self, group: pa.Table) -> pa.Table:
-        shard = group["_shard"][0].as_py()
-        table = sorted_by_key(group.drop_columns(["_shard"])).replace_schema_metadata(self.metadata)
-        self.dest.stage(shard, f"{shard}.parquet", table_bytes(table))
-        self.dest.commit(
-            shard, {"shard_id": shard, "files": [{"path": f"{shard}.parquet", "rows": table.num_rows}]}
-        )
-        return pa.table({"shard_id": [shard], "rows": [table.num_rows]})
+def _write_group(dest: CommitStore, metadata: dict[bytes, bytes], group: pa.Table) -> pa.Table:
+    """One shard's rows → ``parquet/<shard>.parquet``, committed at once (the group is the whole shard)."""
+    shard = group["_shard"][0].as_py()
+    table = sorted_by_key(group.drop_columns(["_shard"])).replace_schema_metadata(metadata)
+    dest.stage(shard, shard_file(shard), table_bytes(table))
+    dest.commit(shard, {"shard_id": shard, "files": [{"path": shard_file(shard), "rows": table.num_rows}]})
+    return pa.table({"shard_id": [shard], "rows": [table.num_rows]})

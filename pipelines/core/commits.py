@@ -38,7 +38,6 @@ from pipelines.core.storage import table_bytes, write_bytes
 
 STAGING, COMMITS, REJECTS = "_staging", "_commits", "rejects"
 INTENT, FINGERPRINT = "_commit.json", "_fingerprint.json"
-ON_STALE = ("refuse", "redo")
 COMMIT_CPUS = 0.05  # commits are I/O: many may run beside the pipeline's tasks and actors
 Record = dict[str, Any]
 
@@ -102,6 +101,14 @@ class CommitStore:
         path = f"{self.path}/{relpath}"
         return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
 
+    def remove_if_empty(self, relpath: str) -> None:
+        """Remove an empty folder (local file systems keep them; object stores have none)."""
+        try:
+            if not self.fs.ls(f"{self.path}/{relpath}", detail=False):
+                self.fs.rmdir(f"{self.path}/{relpath}")
+        except (FileNotFoundError, OSError):
+            pass
+
     def remove(self, relpath: str) -> None:
         if self.fs.exists(f"{self.path}/{relpath}"):
             self.fs.rm(f"{self.path}/{relpath}", recursive=True)
@@ -145,10 +152,13 @@ class CommitStore:
         return committed | {s for s in staged if self.fs.exists(f"{self.path}/{COMMITS}/{s}.json")}
 
     # --- fingerprint and manifest --------------------------------------------------------------------------
-    def prepare(self, fingerprint: dict[str, Any], on_stale: str, field: str = "on_stale") -> None:
-        """Refuse (or, with ``on_stale="redo"``, wipe) an output made with another fingerprint; record ours."""
-        if on_stale not in ON_STALE:
-            raise ValueError(f"{field}={on_stale!r}; allowed: {', '.join(ON_STALE)}")
+    def prepare(self, fingerprint: dict[str, Any], on_stale: str, redo: str = "redo") -> None:
+        """Refuse (or, with ``on_stale`` = ``redo``, wipe) an output made with another fingerprint; record ours.
+
+        ``redo`` is the job's word for replacing the output (encode says ``reencode``).
+        """
+        if on_stale not in ("refuse", redo):
+            raise ValueError(f"on_stale={on_stale!r}; allowed: refuse, {redo}")
         old = self.read_json(FINGERPRINT)
         if old is not None and _normal(old) != _normal(fingerprint):
             if on_stale == "refuse":
@@ -156,7 +166,7 @@ class CommitStore:
                 raise ValueError(
                     f"{self.root} holds output made with other settings ({', '.join(changed)} differ: "
                     f"{ {k: old.get(k) for k in changed} } there, { {k: fingerprint.get(k) for k in changed} } "
-                    f"now); set {field}=redo to replace it, or choose another output_dir"
+                    f"now); set on_stale={redo} to replace it, or choose another output_dir"
                 )
             self.wipe()
         if old is None or _normal(old) != _normal(fingerprint):
@@ -176,12 +186,13 @@ class JobOutput:
     """
 
     def __init__(self, store: CommitStore, fingerprint: dict[str, Any], on_stale: str,
-                 manifest: str = "manifest.json") -> None:  # fmt: skip
+                 manifest: str = "manifest.json", redo: str = "redo") -> None:  # fmt: skip
         self.store, self.fingerprint, self.on_stale, self.manifest = store, fingerprint, on_stale, manifest
+        self.redo = redo
         self.records: dict[str, Record] = {}
 
     def start(self, shard_ids: Iterable[str]) -> list[str]:
-        self.store.prepare(self.fingerprint, self.on_stale)
+        self.store.prepare(self.fingerprint, self.on_stale, self.redo)
         old = self.store.read_json(self.manifest) or {}
         committed = self.store.recover()
         self.records = {s: r for s, r in old.get("shards", {}).items() if s in committed}
@@ -204,6 +215,7 @@ class JobOutput:
         manifest = {**fields, "fingerprint": self.fingerprint, "totals": totals(shards.values()),
                     "n_shards": len(shards), "shards": shards}  # fmt: skip
         self.store.write_json(self.manifest, manifest)
+        self.store.remove_if_empty(STAGING)
         return manifest
 
 

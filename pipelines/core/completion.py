@@ -24,15 +24,24 @@ SHARD_ID = "shard_id"
 SUMMARY_COLUMNS = (SHARD_ID, "n_rows", "shard_rows", "parts", "counts")
 
 
-def end_marker(columns: Iterable[str], shard_id: str, source: str, n_rows: int) -> Batch:
-    """The one-row batch that closes a shard: ``columns`` as the reader's batches, values empty."""
-    row: dict[str, Any] = dict.fromkeys(columns)
+def end_marker(
+    columns: Iterable[str], shard_id: str, source: str, n_rows: int, empty: dict[str, Any] | None = None
+) -> Batch:
+    """The one-row batch that closes a shard: ``columns`` as the reader's batches, values None or, for tensor
+    columns, their ``empty`` placeholder (Ray Data then sees one type per column across blocks)."""
+    row: dict[str, Any] = dict.fromkeys(columns) | (empty or {})
     row |= {KEY: "", SOURCE: source, SHARD_ID: shard_id, REJECT_STEP: "read", REJECT_REASON: END_OF_SHARD,
             REJECT_DETAIL: str(n_rows)}  # fmt: skip
     return {name: object_column([value]) for name, value in row.items()}
 
 
-def closed(batches: Iterable[Batch], columns: Sequence[str], shard_id: str, source: str) -> Iterator[Batch]:
+def closed(
+    batches: Iterable[Batch],
+    columns: Sequence[str],
+    shard_id: str,
+    source: str,
+    empty: dict[str, Any] | None = None,
+) -> Iterator[Batch]:
     """A shard's non-empty batches, each row tagged with ``SHARD_ID``, then the shard's end marker."""
     n_rows = 0
     for batch in batches:
@@ -41,7 +50,7 @@ def closed(batches: Iterable[Batch], columns: Sequence[str], shard_id: str, sour
             batch[SHARD_ID] = object_column([shard_id] * n)
             n_rows += n
             yield batch
-    yield end_marker(columns, shard_id, source, n_rows)
+    yield end_marker(columns, shard_id, source, n_rows, empty)
 
 
 def is_marker(batch: Batch) -> np.ndarray:

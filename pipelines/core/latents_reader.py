@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import safetensors
 
+from pipelines.core.commits import CommitStore
 from pipelines.core.latents_io import (
     DTYPE_KEY,
     FORMATS,
@@ -68,7 +69,8 @@ def list_latent_files(
 ) -> list[str]:
     """Sorted URIs of the ``format`` files under ``root``.
 
-    For an encode output (``root/_commits/`` exists) these are the files of committed shards only.
+    For an encode output these are the files of committed shards only: from its manifest (one read), or, while
+    it has none (a run in progress or killed), from its commit records (read concurrently).
 
     ``root`` is the ``base_uri`` given to ``write_latent_files`` (files in ``{root}/{format}/``), a directory
     holding the files, a single file, or a list of file URIs (returned as given, e.g. to pick buckets).
@@ -80,11 +82,9 @@ def list_latent_files(
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
     if path.endswith(ext) and fs.isfile(path):
         return [root]
-    commits = sorted(fs.glob(f"{path.rstrip('/')}/_commits/*.json"))
-    if commits:  # an encode output: only committed files count (a crashed run may leave others behind)
-        files = [
-            f for c in commits for f in json.loads(fs.cat_file(c))["files"] if f.startswith(f"{format}/")
-        ]
+    records = committed_records(root, storage_options)
+    if records is not None:  # an encode output: only committed files count (a crash may leave others behind)
+        files = [f for r in records.values() for f in file_paths(r) if f.startswith(f"{format}/")]
         return [f"{root.rstrip('/')}/{f}" for f in sorted(files)]
     for folder in (f"{path.rstrip('/')}/{format}", path):
         if fs.isdir(folder):
@@ -95,6 +95,21 @@ def list_latent_files(
     raise FileNotFoundError(
         f"no *{ext} latent files under {root!r} (looked in {format}/ and the folder itself)"
     )
+
+
+def committed_records(root: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict] | None:
+    """The commit records of an encode output (None for a plain folder of latent files)."""
+    store = CommitStore(root, storage_options)
+    manifest = store.read_json("manifest.json")
+    if manifest is not None and "shards" in manifest:
+        return manifest["shards"]
+    committed = store.committed_ids()
+    return store.records(committed) if committed else None
+
+
+def file_paths(record: dict[str, Any]) -> list[str]:
+    """A record's file paths (entries are ``{"path", "rows", "bucket"}``, or plain paths before those)."""
+    return [f["path"] if isinstance(f, dict) else f for f in record.get("files", ())]
 
 
 def read_latents(

@@ -1,9 +1,9 @@
-"""Write image–text shards in img2dataset's layout, atomically.
+"""Image–text shards in img2dataset's layout, assembled in memory.
 
 A shard ``NNNNN`` is ``NNNNN.tar`` (``key.<ext>``, ``key.txt``, ``key.json`` per sample) plus
 ``NNNNN.parquet`` (one row per input sample with its status, as img2dataset writes) and
-``NNNNN_stats.json``. Each file is assembled in memory and written in one go: a local file is written
-to a temporary name and renamed, an S3 object is a single PUT, so a partial shard is never visible.
+``NNNNN_stats.json``. ``shard_files`` gives the bytes of all three; the ingest stages and commits them
+(``pipelines.core.commits``), so a partial shard is never visible.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ import json
 import re
 import tarfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.core.step import Batch, healthy
-from pipelines.core.storage import write_bytes
+from pipelines.core.storage import table_bytes
 from schemas.columns import (
     CAPTION,
     HEIGHT,
@@ -44,16 +42,6 @@ _EXTENSIONS = {
     "tiff": "tif",
     "mpo": "jpg",
 }
-
-
-@dataclass(frozen=True)
-class ShardWritten:
-    """What one shard write produced."""
-
-    shard_index: int
-    tar_uri: str
-    n_samples: int
-    n_rejected: int
 
 
 def safe_key(key: str) -> str:
@@ -134,23 +122,13 @@ def status_table(batches: Sequence[Batch]) -> pa.Table:
     return pa.table(rows)
 
 
-def write_shard(
-    batches: Sequence[Batch], output_dir: str, shard_index: int, storage_options: dict[str, Any] | None = None
-) -> ShardWritten:
-    """Write tar, status Parquet and stats JSON of one shard; the tar is written last of the three."""
-    name = f"{output_dir.rstrip('/')}/{shard_index:05d}"
+def shard_files(batches: Sequence[Batch], shard_index: int) -> tuple[dict[str, bytes], pa.Table]:
+    """The shard's files (``NNNNN.tar``, ``NNNNN.parquet``, ``NNNNN_stats.json``) and its status table."""
+    name = f"{shard_index:05d}"
     data, records = tar_bytes(batches)
     status = status_table(batches)
-    sink = pa.BufferOutputStream()
-    pq.write_table(status, sink)
-    n_rejected = status.num_rows - len(records)
-    stats = {
-        "shard_index": shard_index,
-        "count": status.num_rows,
-        "successes": len(records),
-        "failed": n_rejected,
-    }
-    write_bytes(f"{name}.parquet", sink.getvalue().to_pybytes(), storage_options)
-    write_bytes(f"{name}_stats.json", json.dumps(stats).encode(), storage_options)
-    write_bytes(f"{name}.tar", data, storage_options)
-    return ShardWritten(shard_index, f"{name}.tar", len(records), n_rejected)
+    stats = {"shard_index": shard_index, "count": status.num_rows, "successes": len(records),
+             "failed": status.num_rows - len(records)}  # fmt: skip
+    files = {f"{name}.tar": data, f"{name}.parquet": table_bytes(status),
+             f"{name}_stats.json": json.dumps(stats).encode()}  # fmt: skip
+    return files, status

@@ -128,7 +128,7 @@ class EncodeImage(_ModelStep):
     def _groups(self, batch: Batch) -> list[list[int]]:
         stored = batch.get(CLIP_IMG)
         todo = {
-            k: [i for i in rows if stored is None or stored[i] is None]
+            k: [i for i in rows if stored is None or not has_value(stored[i])]
             for k, rows in _by_shape(batch, PIXELS).items()
         }
         return [rows for rows in todo.values() if rows]
@@ -138,7 +138,7 @@ class EncodeImage(_ModelStep):
         out = super().__call__(batch)
         if stored is not None:
             out[CLIP_IMG] = object_column(
-                s if s is not None else c for s, c in zip(stored, out[CLIP_IMG], strict=True)
+                s if has_value(s) else c for s, c in zip(stored, out[CLIP_IMG], strict=True)
             )
         return out
 

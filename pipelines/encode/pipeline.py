@@ -4,30 +4,34 @@ Pipeline (Ray Data, streaming with backpressure): shard rows → ``EncodeRead`` 
 ``PreprocessImages`` (CPU tasks: decode, crop, bucket) → one actor pool per model (effnet, optional
 Stage A, CLIP-bigG text, CLIP-L image) → ``WriteLatentParts`` (tasks). CPU decoding overlaps model work.
 
-Exactly once: the writer stages parts under ``_staging/<shard>/``; the driver counts each input shard's
-rows as they stream back and, when a shard is complete, commits it: moves its parts into ``parquet/`` and
-``webdataset/`` (names start with the input shard id) and writes ``_commits/<shard>.json`` (one PUT). The
-manifest is written last. A resubmitted job skips committed shards, clears the rest and redoes them; readers
-only read committed files. A manifest whose encoder fingerprint (flavors, weights sha256, preprocessing
-hash, dtype) differs from the config's is stale: refused, or re-encoded from scratch (``on_stale``).
+The read task of a shard opens that shard's kept keys and stored CLIP-L embeddings by name
+(``pipelines.core.by_shard``): no scan of the whole filter or score output.
+
+Exactly once (``pipelines.core.commits``): the writer stages parts under ``_staging/<shard>/``; the driver adds
+up what the writers report and, when a shard's end marker and all its rows have arrived, a Ray task commits
+it: moves its parts into ``parquet/`` and ``webdataset/`` (names start with the input shard id) and writes
+``_commits/<shard>.json`` with each part's rows and bucket. The manifest is written last. A resubmitted job
+skips committed shards and redoes the others; readers only read committed files. An output whose encoder
+fingerprint (flavors, weights sha256, preprocessing hash, dtype) differs from the config's is stale: refused,
+or re-encoded from scratch (``on_stale``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 
-from pipelines.core.commits import CommitStore
+from pipelines.core.by_shard import open_per_shard
+from pipelines.core.commits import CommitStore, Committer, JobOutput
+from pipelines.core.commits import totals as _totals
+from pipelines.core.completion import ShardTracker
 from pipelines.core.plan import Plan, PlannedStep
 from pipelines.core.preprocess import PreprocessConfig
-from pipelines.core.sources import SourceConfig, list_shards
+from pipelines.core.sources import SourceConfig, unique_shards
 from pipelines.core.step import Resources
 from pipelines.core.storage import write_bytes
 from pipelines.core.validate import ValidateConfig
@@ -39,11 +43,10 @@ from pipelines.encode.models import (
     EncodeText,
     encode_captions,
 )
-from pipelines.encode.steps import SHARD_ID, EncodeRead, PreprocessImages, PreprocessStepConfig, ReadConfig
+from pipelines.encode.steps import EncodeRead, PreprocessImages, PreprocessStepConfig, ReadConfig
 from pipelines.encode.writer import WriteConfig, WriteLatentParts, fingerprint_metadata
-from schemas.columns import KEY
 
-ON_STALE = ("refuse", "reencode")
+ON_STALE = ("refuse", "reencode", "redo")
 
 
 def _actor(num_cpus: float = 0.25) -> Resources:
@@ -57,8 +60,11 @@ class EncodeConfig:
     Attributes:
         shards: the image–text shards (``kind: webdataset``) from ingest or img2dataset.
         output_dir: where ``parquet/``, ``webdataset/``, ``_commits/`` and ``manifest.json`` go.
-        kept_keys: ``kept_keys.parquet`` from filter (None: encode every sample).
-        scores_dir: scores from ``cascade score``; their CLIP-L embeddings are reused instead of recomputed.
+        kept_keys: ``cascade filter``'s output folder (None: encode every sample); an older single
+            ``kept_keys.parquet`` is partitioned by shard once, into ``output_dir/_inputs/kept_keys``.
+        scores_dir: scores from ``cascade score``; their CLIP-L embeddings are reused instead of recomputed
+            (an older scores folder is partitioned once, into ``output_dir/_inputs/scores``).
+        inputs_endpoint_url: S3 endpoint of ``kept_keys`` and ``scores_dir`` (default: the shards').
         preprocess: crop mode (``center`` or ``buckets``), image size (768), Stage A size (1024).
         validate: the ingest's sample checks, applied again (bad rows from upstream become rejects).
         effnet, clip_text, clip_image, stage_a: the encoders (``stage_a`` None: no Stage A latents). Required:
@@ -66,7 +72,8 @@ class EncodeConfig:
         dtype: stored tensor dtype: ``float16`` (default), ``bfloat16`` or ``float32``.
         formats: any of ``parquet`` and ``webdataset``; both are written from the same table.
         member_format: WebDataset tensor members: ``npy`` or ``safetensors``.
-        on_stale: an existing output encoded with other weights/preprocessing: ``refuse`` or ``reencode``.
+        on_stale: an existing output encoded with other weights/preprocessing: ``refuse`` or ``reencode``
+            (``redo`` is the same).
         *_resources: Ray resources per step (model steps are actor pools; set ``num_gpus`` on GPU nodes).
     """
 
@@ -74,6 +81,7 @@ class EncodeConfig:
     output_dir: str
     kept_keys: str | None = None
     scores_dir: str | None = None
+    inputs_endpoint_url: str | None = None
     preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
     effnet: EncoderConfig = dataclasses.field(default_factory=lambda: EncoderConfig(flavor="effnet/tiny"))
@@ -120,6 +128,11 @@ class EncodeConfig:
     def storage_options(self) -> dict[str, Any]:
         return {"endpoint_url": self.output_endpoint_url} if self.output_endpoint_url else {}
 
+    @property
+    def inputs_options(self) -> dict[str, Any]:
+        endpoint = self.inputs_endpoint_url or self.shards.endpoint_url
+        return {"endpoint_url": endpoint} if endpoint else {}
+
     def encoders(self) -> dict[str, EncoderConfig]:
         roles = {"effnet": self.effnet, "clip_text": self.clip_text, "clip_image": self.clip_image}
         return roles | ({"stage_a": self.stage_a} if self.stage_a is not None else {})
@@ -136,10 +149,9 @@ class EncodeSummary:
     buckets: dict[str, int]
 
 
-def encode_plan(config: EncodeConfig, write: WriteConfig) -> Plan:
+def encode_plan(config: EncodeConfig, write: WriteConfig, read: ReadConfig | None = None) -> Plan:
     """The checked plan: read → preprocess → effnet (→ Stage A) → CLIP text → CLIP image → write."""
-    read = ReadConfig(source=config.shards, kept_keys=config.kept_keys, scores_dir=config.scores_dir,
-                      validate=config.validate)  # fmt: skip
+    read = read or ReadConfig(source=config.shards, validate=config.validate)
     prep = PreprocessStepConfig(preprocess=config.preprocess, stage_a=config.stage_a is not None)
     steps = [
         PlannedStep(EncodeRead, read, config.read_resources),
@@ -178,107 +190,63 @@ def preprocessing_spec(config: EncodeConfig) -> dict[str, Any]:
     }
 
 
-def _status_keys(shard_uri: str, options: dict[str, Any]) -> set[str] | None:
-    """Keys the shard holds according to its img2dataset status Parquet (``NNNNN.parquet`` beside the tar)."""
-    status = shard_uri[: -len(".tar")] + ".parquet"
-    fs, path = fsspec.core.url_to_fs(status, **options)
-    if not fs.exists(path):
-        return None
-    table = pq.read_table(fs.open(path, "rb"), columns=["key", "status"])
-    return {
-        k
-        for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist(), strict=True)
-        if s == "success"
-    }
+def read_config(config: EncodeConfig, store: CommitStore) -> ReadConfig:
+    """The read step's config: the per-shard roots of kept keys and scores (older layouts converted once)."""
+    roots = {}
+    for name, field in (("kept_keys", "kept_keys"), ("scores", "scores_dir")):
+        path = getattr(config, field)
+        if path is not None:
+            inputs = CommitStore(f"{store.root}/_inputs/{name}", store.options)
+            roots[name], _ = open_per_shard(path, config.inputs_options, field=field, convert_to=inputs,
+                                            schema_id="scores@1" if name == "scores" else None)  # fmt: skip
+    return ReadConfig(source=config.shards, storage_options=config.inputs_options, validate=config.validate,
+                      **roots)  # fmt: skip
 
 
-def expected_rows(config: EncodeConfig, shard: dict[str, Any]) -> int:
-    """How many rows (encoded or rejected) a shard will produce: its samples, restricted to the kept keys."""
-    from pipelines.core.sources import read_shard
-    from pipelines.encode.steps import _keys_for_shard, _shard_id
-
-    uri = shard["uris"][0]
-    kept = (
-        _keys_for_shard(config.kept_keys, _shard_id(uri), [], config.shards.storage_options)
-        if config.kept_keys
-        else None
-    )
-    keys = _status_keys(uri, config.shards.storage_options)
-    if keys is None:  # no status file: count the rows (duplicates and unreadable members included) by reading
-        keys = [str(k) for rows in read_shard(config.shards, shard) for k in rows[KEY]]
-    return sum(1 for k in keys if kept is None or k in kept)
-
-
-def _prepare(config: EncodeConfig, store: CommitStore, metadata: Any) -> dict[str, dict]:
-    """Check the existing output against this config's fingerprint; returns the committed shards to skip."""
-    manifest = store.read_json("manifest.json") or store.read_json("_fingerprint.json")
-    current = {"weights_sha256": metadata.weights_sha256, "preprocessing_hash": metadata.preprocessing_hash,
-               "encoder_flavors": metadata.encoder_flavors}  # fmt: skip
-    if manifest is not None:
-        old = {k: manifest.get(k) for k in current}
-        if old != current:
-            if config.on_stale == "refuse":
-                raise ValueError(
-                    f"output_dir={config.output_dir!r} holds latents encoded with {old}, but this config encodes "
-                    f"with {current}; set on_stale=reencode to replace them, or choose another output_dir"
-                )
-            store.wipe()
-    store.write_json("_fingerprint.json", current)
-    return store.committed()
+def fingerprint(metadata: Any) -> dict[str, Any]:
+    return {"weights_sha256": metadata.weights_sha256, "preprocessing_hash": metadata.preprocessing_hash,
+            "encoder_flavors": metadata.encoder_flavors}  # fmt: skip
 
 
 def run_encode(config: EncodeConfig) -> EncodeSummary:
     """Encode every uncommitted shard on the current Ray cluster, committing shards as they complete."""
     import ray
 
-    from pipelines.encode.steps import _shard_id
-
     metadata = fingerprint_metadata(config.encoders(), preprocessing_spec(config))
     write = WriteConfig(output_dir=config.output_dir, metadata=metadata, dtype=config.dtype, formats=config.formats,
                         member_format=config.member_format, stage_a=config.stage_a is not None,
                         endpoint_url=config.output_endpoint_url)  # fmt: skip
-    plan = encode_plan(config, write)
+    encode_plan(config, write)  # config errors surface before any storage or cluster work
     store = CommitStore(config.output_dir, config.storage_options)
-    committed = _prepare(config, store, metadata)
-    all_shards = list_shards(config.shards)
-    ids = Counter(_shard_id(s["uris"][0]) for s in all_shards)
-    clashes = sorted(i for i, n in ids.items() if n > 1)
-    if clashes:
-        raise ValueError(f"shards.path={config.shards.path!r}: input shards share the ids {clashes[:5]} (output "
-                         "names derive from the shard file names, which must be unique)")  # fmt: skip
-    todo = [s for s in all_shards if _shard_id(s["uris"][0]) not in committed]
-    expected = {_shard_id(s["uris"][0]): expected_rows(config, s) for s in todo}
-    for shard_id in expected:
-        store.clear_shard(shard_id)
-    counts: dict[str, Counter] = {shard_id: Counter() for shard_id in expected}
-    for shard_id in [s for s, n in expected.items() if n == 0]:
-        committed[shard_id] = store.commit(shard_id, counts[shard_id])
-    if any(expected.values()):
-        ds = ray.data.from_items([s for s in todo if expected[_shard_id(s["uris"][0])]])
+    shards = unique_shards(config.shards)
+    on_stale = "refuse" if config.on_stale == "refuse" else "reencode"
+    output = JobOutput(store, fingerprint(metadata), on_stale, redo="reencode")
+    todo = set(output.start(shards))
+    plan = encode_plan(config, write, read_config(config, store))
+    committer = Committer(store)
+    if todo:
+        tracker = ShardTracker()
+        items = [s for i, s in shards.items() if i in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
         # batch_size=None: every block as soon as it exists, so shards commit while the job runs
         for batch in plan.apply(ds).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            for shard_id, n_encoded, n_rejected, buckets in zip(
-                batch[SHARD_ID], batch["n_encoded"], batch["n_rejected"], batch["buckets"], strict=True
-            ):
-                counts[shard_id].update({"n_encoded": int(n_encoded), "n_rejected": int(n_rejected)})
-                counts[shard_id].update({f"bucket:{b}": n for b, n in json.loads(buckets).items()})
-                if counts[shard_id]["n_encoded"] + counts[shard_id]["n_rejected"] == expected[shard_id]:
-                    committed[shard_id] = store.commit(shard_id, counts[shard_id])
-    missing = sorted(set(expected) - set(committed))
-    if missing:
-        raise RuntimeError(f"shards {missing} did not produce their expected rows; rerun to redo them")
-    return _finish(config, store, metadata, committed, len(all_shards) - len(todo))
+            for record in tracker.add(batch):
+                committer.submit(record["shard_id"], _files(record))
+    return _finish(config, output, metadata, committer.wait(), shards, len(shards) - len(todo))
 
 
-def _finish(
-    config: EncodeConfig, store: CommitStore, metadata: Any, committed: dict, n_skipped: int
-) -> EncodeSummary:
+def _files(record: dict[str, Any]) -> dict[str, Any]:
+    """A shard's commit record: its staged parts become its files (same names, moved into place)."""
+    return {k: v for k, v in record.items() if k != "parts"} | {"files": record["parts"]}
+
+
+def _finish(config: EncodeConfig, output: JobOutput, metadata: Any, new: dict, shards: dict,
+            n_skipped: int) -> EncodeSummary:  # fmt: skip
     """Write the empty-caption embedding and, last, the manifest."""
     import ray
 
-    if store.read_json("manifest.json") is None or not store.fs.exists(
-        f"{store.path}/empty_caption.safetensors"
-    ):
+    store = output.store
+    if not store.fs.exists(f"{store.path}/empty_caption.safetensors"):
         res = config.clip_text_resources
         task = ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus)(encode_captions)
         clip_text, pooled = ray.get(task.remote(config.clip_text, [""]))
@@ -288,23 +256,36 @@ def _finish(
             {"clip_text": clip_text[0].astype(np.float32), "clip_text_pooled": pooled[0].astype(np.float32)}
         )
         write_bytes(f"{store.root}/empty_caption.safetensors", data, store.options)
-    totals: Counter = Counter()
-    for record in committed.values():
-        totals.update({k: v for k, v in record.items() if k.startswith(("n_", "bucket:"))})
-    reasons: Counter = Counter()
-    for path in store.fs.glob(f"{store.path}/rejects/*.parquet"):
-        reasons.update(pq.read_table(store.fs.open(path, "rb"), columns=["reason"])["reason"].to_pylist())
+    records = output.records | new
+    totals = _totals(records[s] for s in shards)
     summary = EncodeSummary(
-        output_dir=config.output_dir, n_shards=len(committed), n_skipped_shards=n_skipped,
-        n_encoded=totals["n_encoded"], n_rejected=totals["n_rejected"], reject_reasons=dict(reasons),
-        buckets={k.removeprefix("bucket:"): v for k, v in sorted(totals.items()) if k.startswith("bucket:")},
+        output_dir=config.output_dir, n_shards=len(shards), n_skipped_shards=n_skipped,
+        n_encoded=totals.get("n_encoded", 0), n_rejected=totals.get("n_rejected", 0),
+        reject_reasons={k.removeprefix("reason:"): v for k, v in totals.items() if k.startswith("reason:")},
+        buckets={k.removeprefix("bucket:"): v for k, v in totals.items() if k.startswith("bucket:")},
     )  # fmt: skip
-    manifest = {
-        "schema": "latents@1", "encoder_flavors": metadata.encoder_flavors, "weights_sha256": metadata.weights_sha256,
-        "preprocessing_hash": metadata.preprocessing_hash, "preprocessing": preprocessing_spec(config),
-        "dtype": config.dtype, "formats": list(config.formats), "member_format": config.member_format,
-        "empty_caption": "empty_caption.safetensors", "summary": dataclasses.asdict(summary),
-        "shards": {k: committed[k] for k in sorted(committed)},
-    }  # fmt: skip
-    store.write_json("manifest.json", manifest)
+    output.finish(
+        new, shards, schema="latents@1", encoder_flavors=metadata.encoder_flavors,
+        weights_sha256=metadata.weights_sha256, preprocessing_hash=metadata.preprocessing_hash,
+        preprocessing=preprocessing_spec(config), dtype=config.dtype, formats=list(config.formats),
+        member_format=config.member_format, empty_caption="empty_caption.safetensors",
+        summary=dataclasses.asdict(summary), buckets=bucket_shapes(store, records.values(), config.formats[0]),
+    )  # fmt: skip
     return summary
+
+
+def bucket_shapes(store: CommitStore, records: Iterable[dict[str, Any]], fmt: str) -> dict[str, Any]:
+    """Per bucket: its tensor shapes and dtype, from one file's footer or header (O(buckets) reads)."""
+    from pipelines.core.latents_reader import file_info
+
+    first: dict[str, str] = {}
+    for record in records:
+        for f in record.get("files", ()):
+            if isinstance(f, dict) and f["path"].startswith(f"{fmt}/"):
+                first.setdefault(f["bucket"], f["path"])
+    shapes = {}
+    for bucket, path in sorted(first.items()):
+        meta, _ = file_info(store.uri(path), fmt, storage_options=store.options)
+        shapes[bucket] = {name: {"shape": list(spec.shape), "dtype": spec.dtype}
+                          for name, spec in meta.tensor_shapes.items()}  # fmt: skip
+    return shapes

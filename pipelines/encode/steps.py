@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.core.by_shard import read_for_shard
+from pipelines.core.completion import SHARD_ID, closed
 from pipelines.core.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb, to_float_chw
 from pipelines.core.preprocess import PreprocessConfig, bucket_name, crop_for_encoding, crop_for_stage_a
-from pipelines.core.sink import list_parquet
-from pipelines.core.sources import READ_COLUMNS, SourceConfig, read_shard
+from pipelines.core.sources import READ_COLUMNS, SourceConfig, read_shard, shard_id
 from pipelines.core.step import Batch, Step, healthy, object_column, reject
 from pipelines.core.validate import ValidateConfig, ValidateSamples, drop_repeated_keys
 from schemas.columns import (
@@ -39,7 +40,6 @@ from schemas.columns import (
 
 PIXELS = "pixels"  # (3, h, w) float32 in [0, 1]: the effnet input after crop/bucket
 STAGE_A_PIXELS = "stage_a_pixels"  # (3, 1024, 1024) float32: the Stage A input
-SHARD_ID = "shard_id"
 # Rank of every per-row tensor column. Rows without a value (rejected, or not computed yet) hold an empty
 # array of that rank instead of None, so Ray Data sees one tensor type per column across all batches.
 RANKS = {PIXELS: 3, STAGE_A_PIXELS: 3, EFFNET: 3, STAGE_A: 3, CLIP_TEXT: 2, CLIP_TEXT_POOLED: 1, CLIP_IMG: 1}
@@ -61,34 +61,38 @@ def tensor_column(column: str, values: list[Any]) -> np.ndarray:
 
 @dataclass(frozen=True, kw_only=True)
 class ReadConfig:
-    """What the encode read step needs besides the shard: which keys to keep, and stored CLIP-L embeddings."""
+    """What the encode read step needs besides the shard: the per-shard kept keys and stored embeddings.
+
+    Attributes:
+        source: the image–text shards.
+        kept_keys: a per-shard kept-keys root (``cascade filter``'s output); None: every sample.
+        scores: a per-shard scores root (``cascade score``'s output) whose CLIP-L embeddings are reused.
+        storage_options: fsspec options of both roots.
+        validate: the ingest's sample checks.
+    """
 
     source: SourceConfig
     kept_keys: str | None = None
-    scores_dir: str | None = None
+    scores: str | None = None
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*READ_COLUMNS, SHARD_ID, *((CLIP_IMG,) if self.scores else ()))
 
-def _shard_id(uri: str) -> str:
-    """An input shard's id: its file name without extension (``.../00012.tar`` → ``00012``)."""
-    return uri.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
 
-
-def _keys_for_shard(path: str, shard_id: str, columns: list[str], storage_options: dict) -> dict[str, dict]:
-    """Rows of a Parquet directory (``kept_keys`` or scores) whose ``source`` is this shard, keyed by ``key``."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    files, fs = list_parquet(path, storage_options)
-    dataset = pads.dataset(files, format="parquet", filesystem=fs)
-    table = dataset.to_table(
-        columns=["key", *columns], filter=pc.ends_with(pc.field("source"), f"/{shard_id}.tar")
-    )
-    return dict(zip(table["key"].to_pylist(), table.select(columns).to_pylist(), strict=True))
+def shard_rows(root: str, shard: str, columns: list[str], storage_options: dict) -> dict[str, dict]:
+    """One shard's rows of a per-shard table set, keyed by ``key`` (its file alone is opened, by name)."""
+    table = read_for_shard(root, shard, [KEY, *columns], storage_options)
+    if table is None:
+        return {}
+    return dict(zip(table[KEY].to_pylist(), table.select(columns).to_pylist(), strict=True))
 
 
 class EncodeRead(Step):
-    """Shard rows → validated sample rows of the kept keys, with stored CLIP-L embeddings attached.
+    """Shard rows → validated sample rows of the kept keys, with stored CLIP-L embeddings attached, each shard
+    closed by its end marker.
 
     Validation is the ingest's (captions, image headers, sizes, duplicate keys), without its full decode:
     the preprocess step decodes each image once and reports truncated files itself.
@@ -106,30 +110,26 @@ class EncodeRead(Step):
         cfg: ReadConfig = self.config
         for shard_index, uris in zip(batch["shard_index"], batch["uris"], strict=True):
             shard = {"shard_index": int(shard_index), "uris": list(uris)}
-            shard_id = _shard_id(shard["uris"][0])
-            options = cfg.source.storage_options
-            kept = _keys_for_shard(cfg.kept_keys, shard_id, [], options) if cfg.kept_keys else None
-            stored = (
-                _keys_for_shard(cfg.scores_dir, shard_id, [CLIP_IMAGE_EMBEDS], options)
-                if cfg.scores_dir
-                else {}
+            sid = shard_id(shard["uris"][0])
+            yield from closed(
+                self._rows(shard, sid), cfg.columns, sid, shard["uris"][0], {CLIP_IMG: empty(CLIP_IMG)}
             )
-            seen: set[str] = set()
-            for rows in read_shard(cfg.source, shard):
-                keep = np.asarray([kept is None or str(k) in kept for k in rows[KEY]], dtype=bool)
-                rows = {c: v[keep] for c, v in rows.items()}
-                if not len(rows[KEY]):
-                    continue
-                rows = drop_repeated_keys(self.validate(rows), seen, step="encode")
-                rows[SHARD_ID] = object_column([shard_id] * len(rows[KEY]))
-                if cfg.scores_dir:
-                    rows[CLIP_IMG] = object_column(
-                        np.asarray(stored[str(k)][CLIP_IMAGE_EMBEDS], np.float32)
-                        if str(k) in stored
-                        else None
-                        for k in rows[KEY]
-                    )
-                yield rows
+
+    def _rows(self, shard: dict[str, Any], sid: str) -> Iterator[Batch]:
+        cfg: ReadConfig = self.config
+        kept = shard_rows(cfg.kept_keys, sid, [], cfg.storage_options) if cfg.kept_keys else None
+        stored = shard_rows(cfg.scores, sid, [CLIP_IMAGE_EMBEDS], cfg.storage_options) if cfg.scores else {}
+        seen: set[str] = set()
+        for rows in read_shard(cfg.source, shard):
+            keep = np.asarray([kept is None or str(k) in kept for k in rows[KEY]], dtype=bool)
+            rows = drop_repeated_keys(
+                self.validate({c: v[keep] for c, v in rows.items()}), seen, step="encode"
+            )
+            if cfg.scores:
+                rows[CLIP_IMG] = tensor_column(
+                    CLIP_IMG, [stored.get(str(k), {}).get(CLIP_IMAGE_EMBEDS) for k in rows[KEY]]
+                )
+            yield rows
 
 
 @dataclass(frozen=True, kw_only=True)

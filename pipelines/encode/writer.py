@@ -1,31 +1,34 @@
 """The encode pipeline's last step: stage latent parts per (input shard, bucket), plus the job fingerprint.
 
-Parquet and WebDataset parts come from one latents@1 table (``pipelines.core.latents_io``), so both formats hold
-identical tensors. Part names hash their keys: a retried task rewrites the same staged files.
+Parquet and WebDataset parts come from one latents@1 table (``pipelines.core.latents_io``), so both formats
+hold identical tensors. A part is staged as ``parquet/<shard>-<bucket>-<hash>.parquet`` (and ``.tar`` under
+``webdataset/``), the hash of its keys: a retried task rewrites the same staged files. The commit moves them
+into place under the same names; the writer reports each part's rows and bucket, which the commit record and
+the manifest keep, so readers plan from the manifest instead of reading footers.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from pipelines.core.commits import CommitStore
+from pipelines.core.completion import SHARD_ID, SUMMARY_COLUMNS, ShardSummary
 from pipelines.core.latents_io import parquet_bytes, to_latent_table, webdataset_bytes
-from pipelines.core.sink import rejects_table
+from pipelines.core.sink import part_name, rows_by_shard, stage_rejects
 from pipelines.core.sources import caption_text
-from pipelines.core.step import Batch, Step, healthy, object_column
-from pipelines.core.storage import write_bytes
+from pipelines.core.step import Batch, Step, object_column
 from pipelines.encode.models import EncoderConfig
-from pipelines.encode.steps import SHARD_ID
 from schemas import FileMetadata
 from schemas import columns as c
 
 LATENT_SCALARS = (c.KEY, c.CAPTION, c.SOURCE_SHARD, c.IMAGE_SHA256, c.BUCKET, c.ORIG_WIDTH, c.ORIG_HEIGHT,
                   c.CROP_LEFT, c.CROP_TOP, c.CROP_RIGHT, c.CROP_BOTTOM)  # fmt: skip
+FOLDERS = {"parquet": ("parquet", ".parquet"), "webdataset": ("webdataset", ".tar")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,9 +43,19 @@ class WriteConfig:
     stage_a: bool = False
     endpoint_url: str | None = None
 
+    @property
+    def store(self) -> CommitStore:
+        return CommitStore(self.output_dir, {"endpoint_url": self.endpoint_url} if self.endpoint_url else {})
+
+
+def part_paths(shard: str, bucket: str, part: str, formats: tuple[str, ...]) -> dict[str, str]:
+    """The relative path of one part in each format."""
+    return {fmt: f"{FOLDERS[fmt][0]}/{shard}-{bucket}-{part}{FOLDERS[fmt][1]}" for fmt in formats}
+
 
 class WriteLatentParts(Step):
-    """Group healthy rows by (shard, bucket), write each group as staged Parquet/WebDataset parts."""
+    """Group healthy rows by (shard, bucket), stage each group as Parquet/WebDataset parts, stage rejects;
+    returns one summary row per shard (``pipelines.core.completion``)."""
 
     name = "write"
     requires = (
@@ -56,7 +69,7 @@ class WriteLatentParts(Step):
         c.CLIP_TEXT_POOLED,
         c.CLIP_IMG,
     )
-    produces = ("n_encoded", "n_rejected", "buckets")
+    produces = SUMMARY_COLUMNS
 
     @classmethod
     def required_columns(cls, config: WriteConfig) -> tuple[str, ...]:
@@ -77,47 +90,24 @@ class WriteLatentParts(Step):
 
     def __call__(self, batch: Batch) -> Batch:
         cfg: WriteConfig = self.config
-        options = {"endpoint_url": cfg.endpoint_url} if cfg.endpoint_url else {}
-        groups: dict[tuple[str, str], list[int]] = {}
-        for i in healthy(batch):
-            groups.setdefault((str(batch[SHARD_ID][i]), str(batch[c.BUCKET][i])), []).append(int(i))
-        summary: dict[str, dict[str, Any]] = {}
-        for (shard, bucket), rows in sorted(groups.items()):
-            part = hashlib.sha1("\n".join(str(batch[c.KEY][i]) for i in rows).encode()).hexdigest()[:16]
-            table = to_latent_table(self._rows(batch, rows), cfg.dtype, cfg.metadata)
-            base = f"{cfg.output_dir.rstrip('/')}/_staging/{shard}/{bucket}-{part}"
-            if "parquet" in cfg.formats:
-                write_bytes(f"{base}.parquet", parquet_bytes(table), options)
-            if "webdataset" in cfg.formats:
-                write_bytes(f"{base}.tar", webdataset_bytes(table, cfg.member_format), options)
-            entry = summary.setdefault(shard, {"n_encoded": 0, "n_rejected": 0, "buckets": {}})
-            entry["n_encoded"] += len(rows)
-            entry["buckets"][bucket] = entry["buckets"].get(bucket, 0) + len(rows)
-        bad = np.setdiff1d(np.arange(len(batch[c.KEY])), healthy(batch))
-        for shard in sorted({str(batch[SHARD_ID][i]) for i in bad}):
-            rows = np.asarray([i for i in bad if str(batch[SHARD_ID][i]) == shard])
-            part = hashlib.sha1("\n".join(str(batch[c.KEY][i]) for i in rows).encode()).hexdigest()[:16]
-            write_bytes(f"{cfg.output_dir.rstrip('/')}/_staging/{shard}/{part}.rejects.parquet",
-                        _table_bytes(rejects_table(batch, rows)), options)  # fmt: skip
-            summary.setdefault(shard, {"n_encoded": 0, "n_rejected": 0, "buckets": {}})["n_rejected"] += len(
-                rows
-            )
-        shards = sorted(summary)
-        return {
-            SHARD_ID: object_column(shards),
-            "n_encoded": np.asarray([summary[s]["n_encoded"] for s in shards], dtype=np.int64),
-            "n_rejected": np.asarray([summary[s]["n_rejected"] for s in shards], dtype=np.int64),
-            "buckets": object_column(json.dumps(summary[s]["buckets"]) for s in shards),
-        }
-
-
-def _table_bytes(table: Any) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+        store = cfg.store
+        summary = ShardSummary(batch)
+        for shard, (ok, bad) in rows_by_shard(batch).items():
+            buckets: dict[str, list[int]] = {}
+            for i in ok:
+                buckets.setdefault(str(batch[c.BUCKET][i]), []).append(int(i))
+            for bucket, rows in sorted(buckets.items()):
+                table = to_latent_table(self._rows(batch, rows), cfg.dtype, cfg.metadata)
+                paths = part_paths(shard, bucket, part_name(batch, rows)[:16], cfg.formats)
+                if "parquet" in paths:
+                    store.stage(shard, paths["parquet"], parquet_bytes(table))
+                if "webdataset" in paths:
+                    store.stage(shard, paths["webdataset"], webdataset_bytes(table, cfg.member_format))
+                for path in paths.values():
+                    summary.add_part(shard, {"path": path, "rows": len(rows), "bucket": bucket})
+                summary.count(shard, n_encoded=len(rows), **{f"bucket:{bucket}": len(rows)})
+            stage_rejects(store, summary, shard, batch, bad)
+        return summary.batch()
 
 
 def weights_fingerprint(encoder: EncoderConfig) -> str:

@@ -7,26 +7,32 @@ four readers load that without custom code (Arrow's ``fixed_shape_tensor`` is re
 ``huggingface`` schema metadata describes the columns as nested ``List(length=n)`` features. duckdb has no
 half type: it widens float16 to FLOAT exactly and shows the lists as ``FLOAT[][][]``.
 
-Files: ``{output_dir}/{bucket}/part-{i:05d}.parquet`` (bucket ``WxH`` in latent cells, e.g. ``24x24``), at
-most ``rows_per_file`` rows each. Tensor shapes are fixed within a bucket folder, so one bucket reads as one
-fixed-shape table: ``{output_dir}/24x24/*.parquet``. The folders are not hive-style (``bucket=24x24``)
-because ``bucket`` is already a column: pyarrow's hive discovery would clash with it. Rows are ordered by
-source latent file (name order), then key: a rerun gives the same bytes. Each file carries the ``cascade.*``
-keys and ``cascade.model`` (JSON: flavors, shapes, dtype, what each tensor means and how to decode it).
+Files: ``{output_dir}/{bucket}/part-{shard}-{i:05d}.parquet`` (bucket ``WxH`` in latent cells, e.g.
+``24x24``; ``shard`` the cache's input shard), at most ``rows_per_file`` rows each. Tensor shapes are fixed
+within a bucket folder, so one bucket reads as one fixed-shape table: ``{output_dir}/24x24/*.parquet``. The
+folders are not hive-style (``bucket=24x24``) because ``bucket`` is already a column: pyarrow's hive discovery
+would clash with it. Within a file, rows are ordered by key; the same cache gives the same bytes, whatever
+batch sizes encoded it. Each file carries the ``cascade.*`` keys and ``cascade.model`` (JSON: flavors, shapes,
+dtype, what each tensor means and how to decode it).
 
-Exactly once: every file is written whole (temp + rename, or one S3 PUT); an old ``export_manifest.json`` is
-removed first and the new one written last, after stale parts of earlier runs (other ``rows_per_file`` or
-``buckets``) are deleted. A folder with a manifest therefore holds exactly the listed files, no duplicates.
+On Ray: one task per cache shard (its files come from the cache's manifest, no listing, no footer reads but
+one per bucket) exports that shard's buckets and commits them (``pipelines.core.commits``): a rerun skips
+committed shards, another config (columns, dtype, rows per file, buckets) redoes the export (``on_stale``).
+``export_manifest.json`` is removed when work starts and written last: a folder with a manifest holds exactly
+the listed files. A folder of latent files without an encode manifest is exported file by file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import posixpath
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
@@ -35,14 +41,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.core.commits import FINGERPRINT, CommitStore, JobOutput
+from pipelines.core.completion import SHARD_ID
 from pipelines.core.latents_io import FORMATS, SCALAR_COLUMNS
 from pipelines.core.latents_reader import (
     check_expected,
+    committed_records,
     file_info,
+    file_paths,
     list_latent_files,
     read_latent_table,
     to_float32,
 )
+from pipelines.core.notice import notice
+from pipelines.core.plan import Plan, PlannedStep
+from pipelines.core.step import Batch, Resources, Step, object_column
 from pipelines.core.storage import write_bytes
 from schemas import columns as c
 from schemas.core import FileMetadata, RecordSchema, attach_metadata
@@ -113,6 +126,9 @@ class ExportConfig:
         rows_per_file: most rows per Parquet file (2000 real fp16 rows ≈ 430 MB without Stage A).
         buckets: buckets (``WxH`` latent cells) to export; None: all.
         endpoint_url: S3 endpoint of the cache; output_endpoint_url: S3 endpoint of the output.
+        on_stale: an output exported with another config or from another cache: ``redo`` (default: the export
+            is replaced) or ``refuse``.
+        resources: one task per cache shard (``concurrency`` caps the parallel tasks).
     """
 
     latents: str
@@ -124,6 +140,9 @@ class ExportConfig:
     buckets: tuple[str, ...] | None = None
     endpoint_url: str | None = None
     output_endpoint_url: str | None = None
+    on_stale: str = "redo"
+    resources: Resources = dataclasses.field(default_factory=lambda: Resources(num_cpus=1, batch_size=1,
+                                                                                 concurrency=8))  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in ("latents", "output_dir"):
@@ -168,7 +187,7 @@ def _check_subset(name: str, values: Sequence[str] | None, ok: Any, allowed: str
 
 @dataclass(frozen=True)
 class ExportSummary:
-    """What an export wrote: file URIs in write order, rows per bucket, total rows and the manifest URI."""
+    """What an export wrote: file URIs in manifest order, rows per bucket, total rows and the manifest URI."""
 
     output_dir: str
     files: tuple[str, ...]
@@ -177,79 +196,121 @@ class ExportSummary:
     manifest: str
 
 
-@dataclass
-class _Bucket:
-    """The cache files of one bucket (one fixed set of tensor shapes)."""
+@dataclass(frozen=True)
+class CacheFile:
+    """One cache file to export: its URI, bucket and rows."""
 
-    name: str
-    meta: FileMetadata
-    files: list[str] = field(default_factory=list)
-    n_rows: int = 0
+    uri: str
+    bucket: str
+    rows: int
+
+
+@dataclass
+class ExportPlan:
+    """The cache's shards (their files in the chosen buckets) and each chosen bucket's metadata."""
+
+    units: dict[str, list[CacheFile]]
+    metas: dict[str, FileMetadata]
+    cache: dict[str, Any]
+
+    @property
+    def rows_per_bucket(self) -> dict[str, int]:
+        rows: dict[str, int] = {b: 0 for b in self.metas}
+        for files in self.units.values():
+            for f in files:
+                rows[f.bucket] += f.rows
+        return rows
 
 
 def run_export(config: ExportConfig) -> ExportSummary:
-    """Export the cache as Parquet, bucket by bucket (a plain loop: I/O bound, one file in memory at a time).
+    """Export the cache as Parquet, one Ray task per cache shard.
 
     Raises:
         ValueError: naming the config field: no cache at ``latents``, ``columns`` or ``buckets`` the cache
             lacks, values that overflow ``dtype``; SchemaMismatchError: a cache file disagrees with the others.
     """
-    cache = _cache_manifest(config)
-    buckets = plan_buckets(config, cache)
-    out_fs, out_root = fsspec.core.url_to_fs(config.output_dir, **config.output_options())
-    stale = _existing_outputs(out_fs, out_root)
-    if out_fs.exists(f"{out_root}/{MANIFEST}"):
-        out_fs.rm(f"{out_root}/{MANIFEST}")  # from here on the folder is incomplete until the new manifest
+    import ray
+
+    plan = plan_export(config)
+    store = CommitStore(config.output_dir, config.output_options())
+    if store.read_json(MANIFEST) is not None and store.read_json(FINGERPRINT) is None:
+        notice(
+            f"output_dir={config.output_dir!r} holds an export from before per-shard commits: replacing it"
+        )
+        store.wipe()
+    output = JobOutput(store, export_fingerprint(config, plan), config.on_stale, manifest=MANIFEST)
+    todo = output.start(plan.units)
     base = config.output_dir.rstrip("/")
-    empty_caption = _copy_empty_caption(config, cache, base)
-    written: dict[str, list[str]] = {}
-    for bucket in buckets:
-        model = model_metadata(bucket.meta, config, cache, bucket.name, empty_caption)
-        written[bucket.name] = _export_bucket(config, bucket, model, base)
-    for path in sorted(stale - {f"{out_root}/{f}" for files in written.values() for f in files}):
-        if out_fs.exists(path):  # a crashed write's temp file is gone once its part was rewritten
-            out_fs.rm(path)
-    manifest = export_manifest(config, cache, buckets, written, empty_caption)
-    write_bytes(f"{base}/{MANIFEST}", _json(manifest, indent=2), config.output_options())
+    empty_caption = _copy_empty_caption(config, plan.cache, base)
+    new = {}
+    if todo:
+        models = {b: model_metadata(m, config, plan.cache, b, empty_caption) for b, m in plan.metas.items()}
+        task = ExportTaskConfig(config=config, metas=plan.metas, models=models, store=store)
+        steps = Plan((SHARD_ID, "files"), [PlannedStep(ExportShards, task, config.resources)])
+        items = [
+            {SHARD_ID: u, "files": json.dumps([dataclasses.astuple(f) for f in plan.units[u]])} for u in todo
+        ]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        for batch in steps.apply(ds).iter_batches(batch_size=None, batch_format="numpy"):
+            new |= {str(s): json.loads(r) for s, r in zip(batch[SHARD_ID], batch["record"], strict=True)}
+    records = {u: (output.records | new)[u] for u in plan.units}
+    fields = export_manifest(config, plan, records, empty_caption)
+    manifest = output.finish(new, plan.units, **fields)
     files = tuple(f"{base}/{f}" for f in manifest["files"])
-    rows = {b.name: b.n_rows for b in buckets}
-    return ExportSummary(config.output_dir, files, rows, manifest["n_rows"], f"{base}/{MANIFEST}")
+    return ExportSummary(
+        config.output_dir, files, plan.rows_per_bucket, manifest["n_rows"], f"{base}/{MANIFEST}"
+    )
+
+
+def export_fingerprint(config: ExportConfig, plan: ExportPlan) -> dict[str, Any]:
+    """What makes the export: the cache's encoders and what the config takes from it."""
+    cache = {k: plan.cache.get(k) for k in ("encoder_flavors", "weights_sha256", "preprocessing_hash")}
+    return {"cache": config.latents, "format": config.format, "dtype": config.dtype, "columns": config.columns,
+            "rows_per_file": config.rows_per_file, "buckets": sorted(plan.metas), "cache_fingerprint": cache}  # fmt: skip
 
 
 def export_manifest(
-    config: ExportConfig,
-    cache: Mapping[str, Any],
-    buckets: Sequence[_Bucket],
-    written: Mapping[str, list[str]],
-    empty_caption: str | None,
+    config: ExportConfig, plan: ExportPlan, records: Mapping[str, Any], empty_caption: str | None
 ) -> dict[str, Any]:
-    """``export_manifest.json``: config, source, model metadata, files and rows per bucket (paths relative)."""
+    """``export_manifest.json``'s fields: config, source, model metadata, files and rows per bucket."""
+    files = sorted(f["path"] for r in records.values() for f in r["files"])
+    first = plan.metas[min(plan.metas)]
+    rows = plan.rows_per_bucket
+    buckets = {
+        b: {
+            "n_rows": rows[b],
+            "files": [f for f in files if f.startswith(f"{b}/")],
+            "tensor_shapes": _shapes(m, config),
+        }
+        for b, m in sorted(plan.metas.items())
+    }
     return {
         "schema": "export@1",
-        "layout": "{bucket}/part-NNNNN.parquet",
+        "layout": "{bucket}/part-{shard}-NNNNN.parquet",
         "config": {
             "format": config.format,
             "dtype": config.dtype,
-            "columns": _columns(config, buckets[0].meta),
+            "columns": _columns(config, first),
             "rows_per_file": config.rows_per_file,
-            "buckets": [b.name for b in buckets],
+            "buckets": sorted(plan.metas),
         },
-        "source": {"latents": config.latents, "n_files": sum(len(b.files) for b in buckets)},
-        "model": model_metadata(buckets[0].meta, config, cache, None, empty_caption),
-        "buckets": {
-            b.name: {"n_rows": b.n_rows, "files": written[b.name], "tensor_shapes": _shapes(b.meta, config)}
-            for b in buckets
-        },
-        "files": [f for b in buckets for f in written[b.name]],
-        "n_rows": sum(b.n_rows for b in buckets),
+        "source": {"latents": config.latents, "n_files": sum(len(f) for f in plan.units.values())},
+        "model": model_metadata(first, config, plan.cache, None, empty_caption),
+        "buckets": buckets,
+        "files": files,
+        "n_rows": sum(rows.values()),
     }
 
 
-def plan_buckets(config: ExportConfig, cache: Mapping[str, Any]) -> list[_Bucket]:
-    """Group the cache files by bucket from their metadata (footers/tar headers only), checked against the
-    cache manifest and ``config``; buckets in name order, files in name order."""
+def plan_export(config: ExportConfig) -> ExportPlan:
+    """The cache's shards and files in the chosen buckets, and each bucket's metadata, checked against the
+    cache manifest and ``config``. From an encode manifest: one footer read per bucket; a folder of latent
+    files without one: every footer, concurrently, each file its own shard."""
+    cache = _cache_manifest(config)
+    options = config.input_options()
     try:
-        files = list_latent_files(config.latents, config.format, config.input_options())
+        records = committed_records(config.latents, options)
+        listed = None if records is not None else list_latent_files(config.latents, config.format, options)
     except FileNotFoundError as err:
         raise ValueError(f"latents={config.latents!r}: no latent cache there ({err})") from None
     expect = FileMetadata(
@@ -257,33 +318,110 @@ def plan_buckets(config: ExportConfig, cache: Mapping[str, Any]) -> list[_Bucket
         weights_sha256=cache.get("weights_sha256", {}),
         preprocessing_hash=cache.get("preprocessing_hash", ""),
     )
+    base = config.latents.rstrip("/")
+    entries = [(s, f) for s, r in sorted((records or {}).items()) for f in r.get("files", ())]
+    if entries and all(isinstance(f, dict) for _, f in entries):  # rows and buckets are in the records
+        units: dict[str, list[CacheFile]] = {}
+        for shard, f in entries:
+            if f["path"].startswith(f"{config.format}/"):
+                units.setdefault(shard, []).append(
+                    CacheFile(f"{base}/{f['path']}", f["bucket"], int(f["rows"]))
+                )
+        firsts = {}
+        for files in units.values():
+            for f in files:
+                firsts.setdefault(f.bucket, f.uri)
+        metas = _footers(config, sorted(firsts.values()), expect)
+        metas = {b: metas[u][0] for b, u in firsts.items()}
+    else:  # no per-file rows and buckets: read every footer
+        uris = listed if listed is not None else sorted(f"{base}/{p}" for _, f in entries
+                                                       for p in file_paths({"files": [f]})
+                                                       if p.startswith(f"{config.format}/"))  # fmt: skip
+        infos = _footers(config, uris, expect)
+        shard_of = {f"{base}/{p}": s for s, r in (records or {}).items() for p in file_paths(r)}
+        units, metas = {}, {}
+        for uri in uris:
+            meta, rows = infos[uri]
+            bucket = _bucket(meta)
+            if metas.setdefault(bucket, meta).tensor_shapes != meta.tensor_shapes:
+                raise ValueError(
+                    f"latents={config.latents!r}: {uri} has tensor shapes {_shapes(meta, None)}, other "
+                    f"files of bucket {bucket} have {_shapes(metas[bucket], None)}"
+                )
+            unit = shard_of.get(uri, posixpath.basename(uri).split(".", 1)[0])
+            units.setdefault(unit, []).append(CacheFile(uri, bucket, rows))
+    return _choose(config, cache, units, metas)
+
+
+def _footers(
+    config: ExportConfig, uris: list[str], expect: FileMetadata
+) -> dict[str, tuple[FileMetadata, int]]:
     kwargs = {"expect": expect, "storage_options": config.input_options()}
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
-        infos = list(pool.map(lambda uri: file_info(uri, config.format, **kwargs), files))
-    first = replace(infos[0][0], tensor_shapes={}) if infos else None
-    buckets: dict[str, _Bucket] = {}
-    for uri, (meta, n_rows) in zip(files, infos, strict=True):
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(uris)))) as pool:
+        infos = dict(
+            zip(uris, pool.map(lambda uri: file_info(uri, config.format, **kwargs), uris), strict=True)
+        )
+    first = replace(next(iter(infos.values()))[0], tensor_shapes={}) if infos else None
+    for uri, (meta, _) in infos.items():
         check_expected(meta, first, uri)  # flavors, weights and preprocessing agree across the cache
-        _, h, w = meta.tensor_shapes[c.EFFNET].shape
-        bucket = buckets.setdefault(f"{w}x{h}", _Bucket(f"{w}x{h}", meta))
-        if meta.tensor_shapes != bucket.meta.tensor_shapes:
-            raise ValueError(
-                f"latents={config.latents!r}: {uri} has tensor shapes {_shapes(meta, None)}, other "
-                f"files of bucket {bucket.name} have {_shapes(bucket.meta, None)}"
-            )
-        if n_rows:
-            bucket.files.append(uri)
-            bucket.n_rows += n_rows
-    chosen = sorted(b for b in buckets if buckets[b].n_rows and (not config.buckets or b in config.buckets))
+    return infos
+
+
+def _bucket(meta: FileMetadata) -> str:
+    _, h, w = meta.tensor_shapes[c.EFFNET].shape
+    return f"{w}x{h}"
+
+
+def _choose(config: ExportConfig, cache: dict[str, Any], units: dict[str, list[CacheFile]],
+            metas: dict[str, FileMetadata]) -> ExportPlan:  # fmt: skip
+    """Keep the chosen buckets (refusing ones the cache lacks) and the columns the cache has."""
+    have = sorted({f.bucket for files in units.values() for f in files if f.rows})
+    chosen = [b for b in have if not config.buckets or b in config.buckets]
     missing = sorted(set(config.buckets or ()) - set(chosen))
     if missing or not chosen:
-        have = sorted(b for b in buckets if buckets[b].n_rows)
         raise ValueError(
             f"buckets={config.buckets!r}: the cache at {config.latents!r} has no rows in "
             f"{missing or 'any bucket'}; it has {have}"
         )
-    _columns(config, buckets[chosen[0]].meta)  # columns the cache lacks: refused before writing anything
-    return [buckets[b] for b in chosen]
+    _columns(config, metas[chosen[0]])  # columns the cache lacks: refused before writing anything
+    kept = {u: [f for f in sorted(files, key=lambda f: f.uri) if f.bucket in chosen and f.rows]
+            for u, files in units.items()}  # fmt: skip
+    return ExportPlan(
+        {u: files for u, files in sorted(kept.items()) if files}, {b: metas[b] for b in chosen}, cache
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportTaskConfig:
+    """What every export task needs: the job config, per bucket its metadata and model JSON, the output."""
+
+    config: ExportConfig
+    metas: dict[str, FileMetadata]
+    models: dict[str, dict[str, Any]]
+    store: CommitStore
+
+
+class ExportShards(Step):
+    """One task per cache shard: its buckets' rows (sorted by key) in files of ``rows_per_file``, committed."""
+
+    name = "export"
+    requires = (SHARD_ID, "files")
+    produces = (SHARD_ID, "record")
+
+    def __call__(self, batch: Batch) -> Batch:
+        task: ExportTaskConfig = self.config
+        records = []
+        for unit, files in zip(batch[SHARD_ID], batch["files"], strict=True):
+            files = [CacheFile(*f) for f in json.loads(files)]
+            written = []
+            for bucket in sorted({f.bucket for f in files}):
+                uris = [f.uri for f in files if f.bucket == bucket]
+                written += _export_bucket(task, str(unit), bucket, uris)
+            counts = Counter({f"bucket:{f['bucket']}": f["rows"] for f in written})
+            record = {"shard_id": str(unit), "files": written, "n_rows": sum(f["rows"] for f in written)}
+            records.append(task.store.commit(str(unit), record | dict(counts)))
+        return {SHARD_ID: object_column(str(u) for u in batch[SHARD_ID]),
+                "record": object_column(json.dumps(r) for r in records)}  # fmt: skip
 
 
 def _columns(config: ExportConfig, meta: FileMetadata) -> list[str]:
@@ -309,44 +447,37 @@ def file_schema(meta: FileMetadata, config: ExportConfig) -> RecordSchema:
     return RecordSchema(full.name, full.version, arrow, full.doc)
 
 
-def _export_bucket(config: ExportConfig, bucket: _Bucket, model: dict[str, Any], base: str) -> list[str]:
-    """Stream one bucket's cache files into parts of ``rows_per_file`` rows; returns the relative paths."""
-    schema = file_schema(bucket.meta, config)
-    tensors = _columns(config, bucket.meta)
+def _export_bucket(task: ExportTaskConfig, unit: str, bucket: str, uris: list[str]) -> list[dict[str, Any]]:
+    """Stage one shard's rows of one bucket as parts of ``rows_per_file`` rows; returns the staged files."""
+    config, meta = task.config, task.metas[bucket]
+    schema = file_schema(meta, config)
+    tensors = _columns(config, meta)
     file_meta = FileMetadata(
-        encoder_flavors=bucket.meta.encoder_flavors,
-        weights_sha256=bucket.meta.weights_sha256,
-        preprocessing_hash=bucket.meta.preprocessing_hash,
+        encoder_flavors=meta.encoder_flavors,
+        weights_sha256=meta.weights_sha256,
+        preprocessing_hash=meta.preprocessing_hash,
     )
-    row_bytes = (
-        sum(math.prod(s) for s in _shapes(bucket.meta, config).values()) * np.dtype(config.dtype).itemsize
-    )
+    expect = replace(file_meta, tensor_shapes=meta.tensor_shapes)
+    row_bytes = sum(math.prod(s) for s in _shapes(meta, config).values()) * np.dtype(config.dtype).itemsize
     row_group = max(1, ROW_GROUP_BYTES // max(1, row_bytes))
-    written: list[str] = []
-    pending: list[pa.Table] = []
-    n_written = 0
-
-    def flush(n: int) -> None:
-        nonlocal n_written
-        table = pa.concat_tables(pending)
-        part = attach_metadata(table.slice(0, n), schema, file_meta)
-        part = part.replace_schema_metadata({**part.schema.metadata, MODEL_KEY.encode(): _json(model)})
-        name = f"{bucket.name}/part-{len(written):05d}.parquet"
-        write_bytes(f"{base}/{name}", _parquet_bytes(part, tensors, row_group), config.output_options())
-        written.append(name)
-        n_written += n
-        pending[:] = [table.slice(n)] if n < table.num_rows else []
-
-    for uri in bucket.files:
-        table = read_latent_table(
-            uri, config.format, storage_options=config.input_options(), columns=[*SCALAR_COLUMNS, *tensors]
+    tables = [
+        _to_export(read_latent_table(uri, config.format, expect=expect, storage_options=config.input_options(),
+                                     columns=[*SCALAR_COLUMNS, *tensors]), schema, bucket, uri, config.dtype)
+        for uri in uris
+    ]  # fmt: skip
+    table = pa.concat_tables(tables)
+    table = table.take(
+        pc.sort_indices(table, sort_keys=[(c.KEY, "ascending"), (c.SOURCE_SHARD, "ascending")])
+    )
+    written = []
+    for k, start in enumerate(range(0, table.num_rows, config.rows_per_file)):
+        part = attach_metadata(table.slice(start, config.rows_per_file), schema, file_meta)
+        part = part.replace_schema_metadata(
+            {**part.schema.metadata, MODEL_KEY.encode(): _json(task.models[bucket])}
         )
-        pending.append(_to_export(table, schema, bucket.name, uri, config.dtype))
-        while sum(t.num_rows for t in pending) >= config.rows_per_file:
-            flush(config.rows_per_file)
-    if pending and sum(t.num_rows for t in pending):
-        flush(sum(t.num_rows for t in pending))
-    assert n_written == bucket.n_rows, (bucket.name, n_written, bucket.n_rows)  # footers vs rows read
+        name = f"{bucket}/part-{unit}-{k:05d}.parquet"
+        task.store.stage(unit, name, _parquet_bytes(part, tensors, row_group))
+        written.append({"path": name, "rows": part.num_rows, "bucket": bucket})
     return written
 
 
@@ -478,12 +609,6 @@ def _copy_empty_caption(config: ExportConfig, cache: Mapping[str, Any], base: st
         return None
     write_bytes(f"{base}/{EMPTY_CAPTION}", fs.cat_file(source), config.output_options())
     return EMPTY_CAPTION
-
-
-def _existing_outputs(fs: Any, root: str) -> set[str]:
-    """Part files (and crashed writes' temp files) of earlier exports into ``root``."""
-    found = fs.glob(f"{root}/*/part-*") if fs.exists(root) else []
-    return {p for p in found if _BUCKET.match(p.split("/")[-2]) and _PART.match(p.split("/")[-1])}
 
 
 def _json(value: Any, indent: int | None = None) -> bytes:

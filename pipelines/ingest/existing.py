@@ -1,30 +1,31 @@
 """Ingest existing data (WebDataset tars, Parquet with image bytes, image folders) into image–text shards.
 
 The job is a map over input shards: each Ray task reads one shard, validates every sample (bad rows become
-rejects with a reason), drops repeated keys, and writes ``NNNNN.tar`` + ``NNNNN.parquet`` +
-``NNNNN_stats.json`` in img2dataset's layout, named after the input shard. The driver then gathers the
-rejects into ``rejects.parquet`` and writes ``manifest.json`` last. URL lists go through
+rejects with a reason), drops repeated keys, stages ``NNNNN.tar`` + ``NNNNN.parquet`` + ``NNNNN_stats.json``
+in img2dataset's layout (``NNNNN`` is the input shard's position in the sorted source) and its rejects, then
+commits the shard with its counts (``pipelines.core.commits``). The driver adds the counts up and writes
+``manifest.json`` last; it never reads a shard. A rerun skips committed shards. URL lists go through
 ``pipelines.ingest.urls`` (img2dataset) instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
+from pipelines.core.commits import CommitStore, JobOutput
+from pipelines.core.completion import SHARD_ID
 from pipelines.core.plan import Plan, PlannedStep
-from pipelines.core.shards import write_shard
+from pipelines.core.shards import shard_files
 from pipelines.core.sources import SourceConfig, list_shards, read_shard
 from pipelines.core.step import Batch, Resources, Step, object_column
-from pipelines.core.storage import write_bytes
 from pipelines.core.validate import ValidateConfig, ValidateSamples, drop_repeated_keys
 from schemas import REJECTS, attach_metadata
 from schemas.columns import DETAIL, KEY, REASON, REJECT_DETAIL, REJECT_REASON, REJECT_STEP, SOURCE, STEP
@@ -43,6 +44,7 @@ class IngestConfig:
         validate: per-sample checks (sizes, captions, decompression bombs).
         resources: one task per input shard; ``concurrency`` caps the parallel tasks.
         max_error_fraction: fail the job when more than this fraction of samples is rejected.
+        on_stale: an output made from another source listing or other checks: ``refuse`` or ``redo``.
     """
 
     source: SourceConfig
@@ -51,6 +53,7 @@ class IngestConfig:
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
     resources: Resources = dataclasses.field(default_factory=lambda: Resources(batch_size=1, concurrency=2))
     max_error_fraction: float = 1.0
+    on_stale: str = "refuse"
 
     def __post_init__(self) -> None:
         if not self.output_dir:
@@ -62,6 +65,10 @@ class IngestConfig:
     def output_storage_options(self) -> dict[str, Any]:
         return {"endpoint_url": self.output_endpoint_url} if self.output_endpoint_url else {}
 
+    @property
+    def store(self) -> CommitStore:
+        return CommitStore(self.output_dir, self.output_storage_options)
+
 
 @dataclass(frozen=True)
 class IngestSummary:
@@ -69,55 +76,65 @@ class IngestSummary:
 
     output_dir: str
     n_shards: int
+    n_skipped_shards: int
     n_input: int
     n_samples: int
     n_rejected: int
     reject_reasons: dict[str, int]
 
 
+def status_rejects(status: pa.Table) -> pa.Table:
+    """The failed rows of a shard's status table as a rejects table (key, source, step, reason, detail)."""
+    failed = status.filter(pc.equal(status["status"], "failed"))
+    renamed = {KEY: KEY, SOURCE: SOURCE, REJECT_STEP: STEP, REJECT_REASON: REASON, REJECT_DETAIL: DETAIL}
+    return attach_metadata(failed.select(list(renamed)).rename_columns(list(renamed.values())), REJECTS)
+
+
 class IngestShard(Step):
-    """Read, validate and write one input shard per row of the batch."""
+    """Read, validate, stage and commit one input shard per row of the batch; returns their records."""
 
     name = "ingest"
     requires = SHARD_COLUMNS
-    produces = ("tar_uri", "n_samples", "n_rejected")
+    produces = (SHARD_ID, "record")
 
     def __init__(self, config: IngestConfig) -> None:
         super().__init__(config)
         self.validate = ValidateSamples(config.validate)
 
     def __call__(self, batch: Batch) -> Batch:
-        written = []
+        store = self.config.store
+        records = []
         for shard_index, uris in zip(batch["shard_index"], batch["uris"], strict=True):
             shard = {"shard_index": int(shard_index), "uris": list(uris)}
             seen: set[str] = set()
             batches = [
                 drop_repeated_keys(self.validate(b), seen) for b in read_shard(self.config.source, shard)
             ]
-            written.append(
-                write_shard(
-                    batches, self.config.output_dir, shard["shard_index"], self.config.output_storage_options
-                )
-            )
-        return {
-            "shard_index": np.asarray([w.shard_index for w in written]),
-            "tar_uri": object_column(w.tar_uri for w in written),
-            "n_samples": np.asarray([w.n_samples for w in written]),
-            "n_rejected": np.asarray([w.n_rejected for w in written]),
-        }
+            sid = f"{shard['shard_index']:05d}"
+            files, status = shard_files(batches, shard["shard_index"])
+            for name, data in files.items():
+                store.stage(sid, name, data)
+            rejects = status_rejects(status)
+            if rejects.num_rows:
+                store.stage_rejects(sid, "read", rejects)
+            reasons = Counter(f"reason:{r}" for r in rejects[REASON].to_pylist())
+            n_samples = status.num_rows - rejects.num_rows
+            record = {"shard_id": sid, "source": shard["uris"][0] if len(shard["uris"]) == 1 else shard["uris"],
+                      "files": [{"path": name} | ({"rows": n_samples} if name.endswith(".tar") else {})
+                                for name in files],
+                      "n_input": status.num_rows, "n_samples": n_samples, "n_rejected": rejects.num_rows,
+                      **reasons}  # fmt: skip
+            records.append(store.commit(sid, record))
+        return {SHARD_ID: object_column(r["shard_id"] for r in records),
+                "record": object_column(json.dumps(r) for r in records)}  # fmt: skip
 
 
-def collect_rejects(output_dir: str, shard_indices: list[int], storage_options: dict[str, Any]) -> pa.Table:
-    """The rejects of every shard's status Parquet as one rejects table (key, source, step, reason, detail)."""
-    tables = []
-    for index in sorted(shard_indices):
-        with fsspec.open(f"{output_dir.rstrip('/')}/{index:05d}.parquet", "rb", **storage_options) as f:
-            status = pq.read_table(f)
-        failed = status.filter(pa.compute.equal(status["status"], "failed"))
-        renamed = {KEY: KEY, SOURCE: SOURCE, REJECT_STEP: STEP, REJECT_REASON: REASON, REJECT_DETAIL: DETAIL}
-        tables.append(failed.select(list(renamed)).rename_columns(list(renamed.values())))
-    empty = pa.table({c: pa.array([], pa.string()) for c in REJECTS.arrow.names})
-    return attach_metadata(pa.concat_tables([empty, *tables]), REJECTS)
+def fingerprint(config: IngestConfig, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """What makes the shards: the source settings, the checks, and the list of input shards (output names are
+    positions in it, so another list must not be mixed with committed shards of this one)."""
+    listing = hashlib.sha256(json.dumps([s["uris"] for s in shards]).encode()).hexdigest()
+    return {"source": dataclasses.asdict(config.source), "validate": dataclasses.asdict(config.validate),
+            "n_input_shards": len(shards), "input_shards_sha256": listing}  # fmt: skip
 
 
 def run_ingest(config: IngestConfig) -> IngestSummary:
@@ -127,29 +144,27 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
     shards = list_shards(config.source)  # a missing path fails here, before any Ray task
     plan = Plan(SHARD_COLUMNS, [PlannedStep(IngestShard, config, config.resources)])
     plan.check()
-    ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
-    results = plan.apply(ds).take_all()
-    rejects = collect_rejects(
-        config.output_dir, [r["shard_index"] for r in results], config.output_storage_options
-    )
-    sink = pa.BufferOutputStream()
-    pq.write_table(rejects, sink)
-    write_bytes(f"{config.output_dir.rstrip('/')}/rejects.parquet", sink.getvalue().to_pybytes(),
-                config.output_storage_options)  # fmt: skip
-    n_samples = sum(int(r["n_samples"]) for r in results)
+    ids = {f"{s['shard_index']:05d}": s for s in shards}
+    output = JobOutput(config.store, fingerprint(config, shards), config.on_stale)
+    todo = output.start(ids)
+    new = {}
+    if todo:
+        ds = ray.data.from_items([ids[s] for s in todo], override_num_blocks=len(todo))
+        for batch in plan.apply(ds).iter_batches(batch_size=None, batch_format="numpy"):
+            new |= {str(s): json.loads(r) for s, r in zip(batch[SHARD_ID], batch["record"], strict=True)}
+    manifest = output.finish(new, ids, schema="samples", layout="img2dataset webdataset",
+                             source=config.source.path)  # fmt: skip
+    totals = manifest["totals"]
     summary = IngestSummary(
-        output_dir=config.output_dir,
-        n_shards=len(results),
-        n_input=n_samples + rejects.num_rows,
-        n_samples=n_samples,
-        n_rejected=rejects.num_rows,
-        reject_reasons=dict(Counter(rejects["reason"].to_pylist()).most_common()),
-    )
-    write_bytes(f"{config.output_dir.rstrip('/')}/manifest.json",
-                json.dumps(dataclasses.asdict(summary), indent=2).encode(), config.output_storage_options)  # fmt: skip
+        output_dir=config.output_dir, n_shards=len(ids), n_skipped_shards=len(ids) - len(todo),
+        n_input=totals.get("n_input", 0), n_samples=totals.get("n_samples", 0),
+        n_rejected=totals.get("n_rejected", 0),
+        reject_reasons={k.removeprefix("reason:"): v for k, v in sorted(totals.items(), key=lambda kv: -kv[1])
+                        if k.startswith("reason:")},
+    )  # fmt: skip
     if summary.n_input and summary.n_rejected / summary.n_input > config.max_error_fraction:
         raise RuntimeError(
             f"{summary.n_rejected} of {summary.n_input} samples rejected, above max_error_fraction="
-            f"{config.max_error_fraction}; see {config.output_dir}/rejects.parquet"
+            f"{config.max_error_fraction}; see {config.output_dir}/rejects/"
         )
     return summary

@@ -105,7 +105,7 @@ def test_polars_reads_exact_arrays(exports, cache, dtype) -> None:
             assert_bits_equal(df[name].to_numpy(), rows[name], name)
         assert df[c.KEY].to_list() == rows[c.KEY].tolist()
         assert df[c.CAPTION].to_list() == rows[c.CAPTION].tolist()
-    meta = pl.read_parquet_metadata(str(exports[dtype] / "8x8" / "part-00000.parquet"))
+    meta = pl.read_parquet_metadata(str(exports[dtype] / "8x8" / "part-00000-00000.parquet"))
     assert json.loads(meta[MODEL_KEY])["tensors"][c.EFFNET]["shape"] == [16, 8, 8]
 
 
@@ -125,7 +125,7 @@ def test_duckdb_reads_exact_arrays(exports, cache, dtype) -> None:
     ).fetchall()
     assert dict(counts) == BUCKET_ROWS  # all buckets in one query: shapes differ, duckdb reads variable lists
     (model,) = duckdb.sql(
-        f"select value from parquet_kv_metadata('{root}/9x6/part-00001.parquet') where key = '{MODEL_KEY}'"
+        f"select value from parquet_kv_metadata('{root}/9x6/part-00000-00001.parquet') where key = '{MODEL_KEY}'"
     ).fetchall()[0]
     assert json.loads(model)["dtype"] == dtype
 
@@ -158,18 +158,18 @@ def test_one_bucket_per_file_split_by_rows_and_manifest(exports, cache) -> None:
     root = exports["float16"]
     manifest = json.loads((root / MANIFEST).read_text())
     assert manifest["files"] == [
-        "11x5/part-00000.parquet",
-        "8x7/part-00000.parquet",
-        "8x8/part-00000.parquet",
-        "9x6/part-00000.parquet",
-        "9x6/part-00001.parquet",
+        "11x5/part-00000-00000.parquet",
+        "8x7/part-00000-00000.parquet",
+        "8x8/part-00000-00000.parquet",
+        "9x6/part-00000-00000.parquet",
+        "9x6/part-00000-00001.parquet",
     ]
     assert {b: v["n_rows"] for b, v in manifest["buckets"].items()} == BUCKET_ROWS
     assert manifest["n_rows"] == 7 and manifest["config"]["rows_per_file"] == 2
     for name in manifest["files"]:
         table = pq.read_table(root / name)
         assert table.num_rows <= 2 and set(table.column(c.BUCKET).to_pylist()) == {name.split("/")[0]}
-    model = json.loads(pq.read_schema(root / "9x6/part-00000.parquet").metadata[MODEL_KEY.encode()])
+    model = json.loads(pq.read_schema(root / "9x6/part-00000-00000.parquet").metadata[MODEL_KEY.encode()])
     cache_manifest = json.loads((cache / "manifest.json").read_text())
     assert model["encoder_flavors"] == cache_manifest["encoder_flavors"]
     assert model["weights_sha256"] == cache_manifest["weights_sha256"]
@@ -216,11 +216,13 @@ def test_rerun_is_idempotent_and_removes_stale_parts(exports, cache, tmp_path) -
     run_export(config)
     assert digests(out) == digests(exports["float16"])  # another folder, the same bytes
     first = digests(out)
-    (out / "9x6" / "part-00001.parquet.tmp-writing").write_bytes(b"crashed write")
+    crashed = out / "_staging" / "00000" / "9x6" / "part-00000-00001.parquet.tmp-writing"
+    crashed.parent.mkdir(parents=True)
+    crashed.write_bytes(b"a write cut short")  # what a killed export leaves: staged, never committed
     assert run_export(config).n_rows == 7
     assert digests(out) == first
-    run_export(replace(config, rows_per_file=10))  # fewer parts: the old part-00001 must go
-    assert sorted(p.name for p in (out / "9x6").iterdir()) == ["part-00000.parquet"]
+    run_export(replace(config, rows_per_file=10))  # fewer parts: the old part-00000-00001 must go
+    assert sorted(p.name for p in (out / "9x6").iterdir()) == ["part-00000-00000.parquet"]
     keys = duckdb.sql(f"select key, bucket from read_parquet('{out}/*/*.parquet')").fetchall()
     assert len(keys) == len(set(keys)) == 7
     run_export(config)
@@ -231,7 +233,8 @@ def test_webdataset_cache_exports_the_same_bytes(exports, cache, tmp_path) -> No
     out = tmp_path / "out"
     run_export(ExportConfig(latents=str(cache), output_dir=str(out), format="webdataset", rows_per_file=2))
     got, want = digests(out), digests(exports["float16"])
-    assert got.pop(MANIFEST) != want.pop(MANIFEST)  # it names the source format
+    for name in (MANIFEST, "_fingerprint.json"):
+        assert got.pop(name) != want.pop(name)  # they name the source format
     assert got == want
 
 
@@ -250,7 +253,7 @@ def test_several_files_per_bucket_and_other_cache_dtypes(cache, tmp_path) -> Non
         out = tmp_path / f"{dtype}-out"
         summary = run_export(ExportConfig(latents=str(folder.parent), output_dir=str(out), dtype="float32"))
         assert summary.rows_per_bucket == {"9x6": 3}
-        got = pq.read_table(out / "9x6" / "part-00000.parquet")
+        got = pq.read_table(out / "9x6")  # part-a-00000 (the last key), then part-b-00000
         want = expected(files, "float32")["9x6"]  # float32 holds float32 and bfloat16 caches exactly
         assert got.column(c.KEY).to_pylist() == want[c.KEY].tolist() == [batch[c.KEY][i] for i in (2, 0, 1)]
         assert_bits_equal(lists_to_numpy(got.column(c.EFFNET), (16, 6, 9)), want[c.EFFNET], dtype)
@@ -307,11 +310,12 @@ def test_s3_cache_to_s3_export(exports, cache) -> None:
             output_endpoint_url=endpoint,
         )
         summary = run_export(config)
-        assert summary.files[0] == "s3://export-test-bucket/export/11x5/part-00000.parquet"
+        assert summary.files[0] == "s3://export-test-bucket/export/11x5/part-00000-00000.parquet"
         local = digests(exports["float16"])
         for name, digest in local.items():
             data = fs.cat_file(f"export-test-bucket/export/{name}")
-            assert (hashlib.sha256(data).hexdigest() == digest) == (name != MANIFEST), name
+            same = name not in (MANIFEST, "_fingerprint.json")  # these name the cache's location
+            assert (hashlib.sha256(data).hexdigest() == digest) == same, name
         table = pq.read_table("export-test-bucket/export/9x6", filesystem=fs)
         assert table.num_rows == 3
         assert sorted(fs.find("export-test-bucket/export")) == sorted(

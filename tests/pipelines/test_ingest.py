@@ -55,7 +55,7 @@ def test_ingest_webdataset_counts_add_up(ray_local, wds_source, tmp_path) -> Non
     n_good = len(PHOTOS) + expected[""] + len(corrupt.CORRUPT_TAR_COMPLETE)
     n_bad = sum(v for k, v in expected.items() if k) + 1
     assert (summary.n_samples, summary.n_rejected, summary.n_input) == (n_good, n_bad, n_good + n_bad)
-    rejects = pq.read_table(out / "rejects.parquet")
+    rejects = pq.read_table(out / "rejects")
     assert rejects.column_names == ["key", "source", "step", "reason", "detail"]
     reasons = Counter(rejects["reason"].to_pylist())
     assert reasons == Counter({k: v for k, v in expected.items() if k}) + Counter({"corrupt tar member": 1})
@@ -63,8 +63,9 @@ def test_ingest_webdataset_counts_add_up(ray_local, wds_source, tmp_path) -> Non
     # img2dataset layout, named after the input shards (sorted: a, b, c)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"0000{i}{s}" for i in range(3) for s in (".tar", ".parquet", "_stats.json")]
-        + ["rejects.parquet", "manifest.json"]
+        + ["rejects", "manifest.json", "_commits", "_fingerprint.json"]
     )
+    assert sorted(p.name for p in (out / "rejects").iterdir()) == ["00001.parquet", "00002.parquet"]
     members = _members(out / "00000.tar")
     assert (
         members["chelsea.jpg"] == jpeg("chelsea") and members["chelsea.txt"].decode() == captions()["chelsea"]
@@ -76,7 +77,8 @@ def test_ingest_webdataset_counts_add_up(ray_local, wds_source, tmp_path) -> Non
     stats = json.loads((out / "00001_stats.json").read_text())
     assert stats["count"] == len(corrupt.cases()) and stats["successes"] == expected[""]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["n_input"] == summary.n_input and manifest["reject_reasons"]["decompression bomb"] == 2
+    assert manifest["totals"]["n_input"] == summary.n_input and manifest["totals"]["reason:decompression bomb"] == 2
+    assert manifest["shards"]["00001"]["n_rejected"] == sum(v for k, v in expected.items() if k)
 
 
 def test_parquet_and_folder_sources_give_the_same_records(ray_local, tmp_path) -> None:
