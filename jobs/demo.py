@@ -118,7 +118,7 @@ def demo_jobs(config: DemoConfig) -> list[tuple[str, Any]]:
         ("score", ScoreConfig(shards=shards, output_dir=str(out / "scores"), scorer=scorer)),
         ("filter", FilterConfig(scores_dir=str(out / "scores"), output_dir=str(out / "filtered"), rules=rules)),
         ("encode", EncodeConfig(shards=shards, output_dir=str(out / "latents"), preprocess=preprocess,
-                                kept_keys=str(out / "filtered" / "kept_keys.parquet"), scores_dir=str(out / "scores"),
+                                kept_keys=str(out / "filtered"), scores_dir=str(out / "scores"),
                                 effnet=effnet,
                                 clip_text=clip_text, clip_image=encoder("clip_image", "clip_vision/tiny"))),
         ("train-c", train),

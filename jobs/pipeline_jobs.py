@@ -72,7 +72,7 @@ class Job:
     needs_ray: bool
     help: str
     fixed: tuple[str, ...] = ()  # overrides the job always applies (``mode=lora``)
-    check: Callable[[Any], Any] | None = None  # runs before Ray starts
+    check: Callable[[Any], Any] | None = None  # runs before Ray starts; its result goes to ``run``
 
 
 JOBS: dict[str, Job] = {
@@ -104,11 +104,10 @@ JOBS: dict[str, Job] = {
 def run_job(name: str, config: Any, address: str | None = None) -> dict[str, Any]:
     """Run a job whose config is already built and validated; returns its summary as a dict."""
     job = JOBS[name]
-    if job.check is not None:
-        job.check(config)
+    checked = job.check(config) if job.check is not None else None  # once, before Ray; the run reuses it
     if job.needs_ray:
         init_ray(address)
-    summary = job.run(config)
+    summary = job.run(config) if job.check is None else job.run(config, checked)
     result = dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else dict(summary)
     json.dump(result, sys.stdout, indent=2, default=str)
     print()

@@ -223,12 +223,13 @@ def _worker(loop_config: dict[str, Any]) -> None:
     loop.run(iter_rank(shard, config.data.prefetch_batches))
 
 
-def run_train(config: TrainConfig) -> TrainSummary:
-    """Check, plan and fit; returns where the checkpoints and metrics are."""
+def run_train(config: TrainConfig, plan: TrainPlan | None = None) -> TrainSummary:
+    """Check and plan (unless ``plan`` is ``check_train``'s result already), then fit; returns where the
+    checkpoints and metrics are."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    plan = check_train(config)
+    plan = plan or check_train(config)
     metrics_csv = f"{config.run_dir}/metrics.csv"
     if not plan.windows:
         return TrainSummary(

@@ -11,6 +11,7 @@ order. Rows that cannot be reconstructed are listed in the report with their rea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import posixpath
@@ -21,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.core.commits import CommitStore, JobOutput
 from pipelines.core.plan import Plan, PlannedStep
 from pipelines.core.preprocess import PreprocessConfig
 from pipelines.core.sources import SourceConfig, caption_text, list_shards, read_shard
 from pipelines.core.step import Batch, Resources
-from pipelines.core.storage import write_bytes
 from pipelines.encode.models import EncodeEffnet, EncoderConfig, EncodeText
 from pipelines.encode.steps import PreprocessImages, PreprocessStepConfig
 from pipelines.report.steps import (
@@ -44,6 +45,7 @@ ENCODER_VERSION = "encoder_version"
 REPORT_COLUMNS = (c.KEY, c.CAPTION, c.SOURCE_SHARD, c.BUCKET, ENCODER_VERSION, *METRICS, ORIGINAL_PNG, RECON_PNG,
                   DIFF_PNG, *c.REJECT_COLUMNS)  # fmt: skip
 GROUPS = {"shard": c.SOURCE_SHARD, "bucket": c.BUCKET, "encoder_version": ENCODER_VERSION}
+REPORT_UNIT = "report"  # the commit unit: the whole report
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +64,7 @@ class ReportConfig:
         preprocess, effnet, clip_text: raw images only: the crop and the encoders (as in ``cascade encode``).
         reconstruct: Stage B / Stage A flavors and weights, sampler settings and the LPIPS backbone.
         endpoint_url: S3 endpoint of ``latents``; output_endpoint_url: of ``output_dir``.
+        on_stale: a report made with other settings or from another cache: ``redo`` (default) or ``refuse``.
         crop_resources, encode_resources, reconstruct_resources: Ray resources of the crop/preprocess tasks,
             the raw-image encoder actors and the Stage B + A actor pool (``num_gpus`` on GPU nodes).
     """
@@ -79,6 +82,7 @@ class ReportConfig:
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     endpoint_url: str | None = None
     output_endpoint_url: str | None = None
+    on_stale: str = "redo"
     crop_resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.25, batch_size=4))
     encode_resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.25, batch_size=4))
     reconstruct_resources: Resources = field(default_factory=lambda: Resources(num_cpus=1, batch_size=4))
@@ -209,9 +213,19 @@ def report_plan(config: ReportConfig, source_columns: Sequence[str]) -> Plan:
 
 
 def run_report(config: ReportConfig) -> ReportSummary:
-    """Sample, reconstruct on Ray, aggregate, and write ``images/``, ``report.json`` and ``report.html``."""
+    """Sample, reconstruct on Ray, aggregate, and write ``images/``, ``report.json`` and ``report.html``.
+
+    The report is one unit of the commit mechanism (``pipelines.core.commits``): its files are staged, then
+    moved into place (images first, the page last) with a commit record and ``manifest.json``. A rerun with
+    the same settings and cache finds it committed and returns its summary; other settings redo it.
+    """
     import ray
 
+    store = CommitStore(config.output_dir, config.output_options())
+    output = JobOutput(store, report_fingerprint(config), config.on_stale)
+    if not output.start([REPORT_UNIT]):
+        output.finish({}, [REPORT_UNIT], schema="report@1")
+        return ReportSummary(**output.records[REPORT_UNIT]["summary"])
     rows = sample_cache(config) if config.latents is not None else sample_images(config)
     if not rows:
         raise FileNotFoundError(f"no samples found in {config.latents or config.images.path!r}")
@@ -222,15 +236,32 @@ def run_report(config: ReportConfig) -> ReportSummary:
                for row in _batch_rows(batch)]  # fmt: skip
     results.sort(key=lambda r: (r[c.SOURCE_SHARD], r[c.KEY]))
     report = build_report(config, results)
-    _write(config, report, results)
     out = config.output_dir.rstrip("/")
     overall = report["overall"]
-    return ReportSummary(
+    summary = ReportSummary(
         output_dir=config.output_dir, html=f"{out}/report.html", json=f"{out}/report.json",
         n_samples=overall["n"], n_rejected=len(report["rejects"]), psnr_mean=overall["psnr_mean"],
         ssim_mean=overall["ssim_mean"], lpips_mean=overall["lpips_mean"],
         lpips_skipped=report["metrics"]["lpips_skipped"], random_weights=report["random_weights"],
     )  # fmt: skip
+    files = _stage(store, report, results)
+    record = store.commit(REPORT_UNIT, {"shard_id": REPORT_UNIT, "files": files, "summary": dataclasses.asdict(summary),
+                                        "n_samples": summary.n_samples, "n_rejected": summary.n_rejected})  # fmt: skip
+    output.finish({REPORT_UNIT: record}, [REPORT_UNIT], schema="report@1")
+    return summary
+
+
+def report_fingerprint(config: ReportConfig) -> dict[str, Any]:
+    """The settings that make the report, and the encoders of the cache it samples."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in ("output_dir", "output_endpoint_url", "on_stale") and not k.endswith("_resources")}  # fmt: skip
+    cache = {}
+    if config.latents is not None:
+        manifest = CommitStore(config.latents, config.input_options()).read_json("manifest.json") or {}
+        cache = {
+            k: manifest.get(k) for k in ("encoder_flavors", "weights_sha256", "preprocessing_hash", "totals")
+        }
+    return {"settings": settings, "cache": cache}
 
 
 def _batch_rows(batch: Batch) -> Iterator[dict[str, Any]]:
@@ -313,11 +344,12 @@ def build_report(config: ReportConfig, results: list[dict[str, Any]]) -> dict[st
     }  # fmt: skip
 
 
-def _write(config: ReportConfig, report: dict[str, Any], results: list[dict[str, Any]]) -> None:
-    """Images first, then ``report.json``, then ``report.html`` (a page never points at missing images)."""
+def _stage(store: CommitStore, report: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stage the images, ``report.json`` and ``report.html``; returns them in commit order (the page last, so a
+    page never points at missing images)."""
     from pipelines.report.html import render_html
 
-    out, options = config.output_dir.rstrip("/"), config.output_options()
+    staged: dict[str, bytes] = {}
     good = [r for r in results if not r[c.REJECT_REASON]]
     for sample, row in zip(report["samples"], good, strict=True):
         for kind, column in (
@@ -325,6 +357,9 @@ def _write(config: ReportConfig, report: dict[str, Any], results: list[dict[str,
             ("reconstruction", RECON_PNG),
             ("difference", DIFF_PNG),
         ):
-            write_bytes(f"{out}/{sample['images'][kind]}", bytes(row[column]), options)
-    write_bytes(f"{out}/report.json", json.dumps(report, indent=2).encode(), options)
-    write_bytes(f"{out}/report.html", render_html(report).encode(), options)
+            staged[sample["images"][kind]] = bytes(row[column])
+    staged["report.json"] = json.dumps(report, indent=2).encode()
+    staged["report.html"] = render_html(report).encode()
+    for path, data in staged.items():
+        store.stage(REPORT_UNIT, path, data)
+    return [{"path": path} for path in staged]

@@ -30,6 +30,7 @@ import numpy as np
 
 from pipelines.core.latents_reader import (
     FORMATS,
+    committed_records,
     file_info,
     list_latent_files,
     read_latent_table,
@@ -108,33 +109,75 @@ class Cache:
         return shapes | {c.EFFNET: shapes[c.EFFNET][:1]}
 
 
-def open_cache(config: TrainDataConfig, *, max_workers: int = 16) -> Cache:
-    """List and check every file of the cache (footers/headers only) and load the empty caption.
+def open_cache(config: TrainDataConfig, *, verify_files: int = 16, max_workers: int = 16) -> Cache:
+    """The cache's files with their buckets and rows, checked, and the empty caption.
+
+    An encode output's manifest (or, while it has none, its commit records) lists every file with its bucket
+    and rows: the footers of a seeded sample of ``verify_files`` files (one per bucket at least) are checked
+    against it. A folder of latent files without them has every footer read (concurrently).
 
     Raises:
         FileNotFoundError: no latent files, or no empty-caption embedding (``data.path``/``data.empty_caption``).
-        SchemaMismatchError: files encoded with different encoders, weights, preprocessing or shapes.
+        SchemaMismatchError: files encoded with different encoders, weights, preprocessing or shapes, or a file
+            whose footer disagrees with the manifest.
     """
     options = config.storage_options
     try:
-        uris = list_latent_files(config.path, config.format, options)
+        listed = _listed_files(config)
+        uris = (
+            [f.uri for f in listed]
+            if listed is not None
+            else list_latent_files(config.path, config.format, options)
+        )
     except FileNotFoundError as err:
         raise FileNotFoundError(f"data.path: {err}") from None
+    checked = uris if listed is None else _sample(listed, verify_files)
     columns = [c.KEY, *CONDITION_COLUMNS]
-    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(uris)))) as pool:
-        infos = list(
-            pool.map(lambda u: file_info(u, config.format, storage_options=options, columns=columns), uris)
-        )
-    first_uri, (first, _) = uris[0], infos[0]
-    files = []
-    for uri, (meta, rows) in zip(uris, infos, strict=True):
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(checked)))) as pool:
+        infos = dict(zip(checked, pool.map(
+            lambda u: file_info(u, config.format, storage_options=options, columns=columns), checked), strict=True))  # fmt: skip
+    first_uri, (first, _) = checked[0], infos[checked[0]]
+    for uri, (meta, _) in infos.items():
         _check_same(first_uri, first, uri, meta)
-        if not config.buckets or _bucket(meta) in config.buckets:
-            files.append(CacheFile(uri, _bucket(meta), rows))
+    if listed is None:
+        listed = [CacheFile(uri, _bucket(meta), rows) for uri, (meta, rows) in infos.items()]
+    for f in listed:
+        if f.uri in infos and (_bucket(infos[f.uri][0]), infos[f.uri][1]) != (f.bucket, f.num_rows):
+            meta, rows = infos[f.uri]
+            raise SchemaMismatchError(
+                f"{f.uri}: bucket {_bucket(meta)}, {rows} rows; the cache manifest says {f.bucket}, {f.num_rows} rows"
+            )
+    files = [f for f in listed if not config.buckets or f.bucket in config.buckets]
     if not files:
-        found = sorted({_bucket(m) for m, _ in infos})
+        found = sorted({f.bucket for f in listed})
         raise FileNotFoundError(f"data.buckets={list(config.buckets)}: the cache holds buckets {found}")
     return Cache(tuple(files), first, _empty_caption(config))
+
+
+def _listed_files(config: TrainDataConfig) -> list[CacheFile] | None:
+    """The files of an encode output with their buckets and rows, from its records (None: not listed there)."""
+    records = committed_records(config.path, config.storage_options)
+    entries = [f for r in (records or {}).values() for f in r.get("files", ())]
+    if not entries or not all(isinstance(f, dict) for f in entries):
+        return None  # a plain folder, or an encode output from before per-file rows were recorded
+    base = config.path.rstrip("/")
+    files = [CacheFile(f"{base}/{f['path']}", f["bucket"], int(f["rows"])) for f in entries
+             if f["path"].startswith(f"{config.format}/")]  # fmt: skip
+    if not files:
+        raise FileNotFoundError(
+            f"{config.path!r} holds no {config.format} files (the encode wrote other formats)"
+        )
+    return sorted(files, key=lambda f: f.uri)
+
+
+def _sample(files: list[CacheFile], n: int) -> list[str]:
+    """A seeded sample of ``n`` file URIs with at least one per bucket, in name order."""
+    first_of: dict[str, str] = {}
+    for f in files:
+        first_of.setdefault(f.bucket, f.uri)
+    rest = [f.uri for f in files if f.uri not in set(first_of.values())]
+    picked = _rng(len(files)).permutation(len(rest))[: max(0, n - len(first_of))]
+    return sorted({*first_of.values(), *(rest[i] for i in picked)})
 
 
 def _bucket(meta: FileMetadata) -> str:

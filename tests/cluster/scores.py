@@ -1,4 +1,4 @@
-"""A tiny real ``scores@1`` table for filter jobs."""
+"""A tiny real ``scores@1`` table for filter jobs, in the single-folder layout from before per-shard\noutputs (filter partitions it by shard once)."""
 
 from __future__ import annotations
 

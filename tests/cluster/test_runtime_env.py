@@ -101,13 +101,13 @@ def test_addresses_and_entrypoint() -> None:
     )
 
 
-def test_entrypoint_runs_the_job_from_the_travelled_config(tmp_path, monkeypatch, capsys) -> None:
+def test_entrypoint_runs_the_job_from_the_travelled_config(ray_local, tmp_path, monkeypatch, capsys) -> None:
     """What the cluster runs, run here: the config text in the environment becomes ``--config``."""
     write_scores(tmp_path / "scores" / "part-00000.parquet")
     text = f"scores_dir: {tmp_path / 'scores'}\noutput_dir: {tmp_path / 'x'}\nrules: [{{field: width, op: '<', value: 500}}]\n"
     monkeypatch.setenv(CONFIG_ENV_VAR, text)
     assert entrypoint_main(["filter", "--set", f"output_dir={tmp_path / 'kept'}"]) == 0
-    assert pq.read_table(tmp_path / "kept" / "kept_keys.parquet")["key"].to_pylist() == ["tiny"]
+    assert pq.read_table(tmp_path / "kept" / "parquet")["key"].to_pylist() == ["tiny"]
     assert '"n_kept": 1' in capsys.readouterr().out
 
 

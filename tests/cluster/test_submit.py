@@ -50,7 +50,7 @@ def test_filter_job_runs_on_the_cluster_with_its_config(head, tmp_path, fake_sec
     logs = api.logs(head.address, sid, token=head.token)
     summary = json.loads(logs[logs.index("{") : logs.rindex("}") + 1])
     assert (summary["n_input"], summary["n_kept"]) == (3, 2)  # the YAML's rule ran ...
-    kept = pq.read_table(tmp_path / "kept" / "kept_keys.parquet")["key"].to_pylist()
+    kept = pq.read_table(tmp_path / "kept" / "parquet")["key"].to_pylist()
     assert sorted(kept) == ["huge", "wide"]  # ... and the --set override won over the YAML's output_dir
     assert not (tmp_path / "not-used").exists()
     assert "config from the submission" in logs
@@ -103,6 +103,6 @@ def test_bad_config_fails_before_submitting(tmp_path) -> None:
     (tmp_path / "filter.yaml").write_text("scores_dir: s3://b/scores\nrules: []\n")
     (port,) = free_ports(1)  # nothing listens: a submission attempt would raise ClusterError instead
     with pytest.raises(ValueError, match="output_dir"):
-        api.submit("filter", str(tmp_path / "filter.yaml"), [], f"http://127.0.0.1:{port}", pip=False)
+        submit_job("filter", str(tmp_path / "filter.yaml"), [], f"http://127.0.0.1:{port}", pip=False)
     with pytest.raises(ValueError, match="unknown job 'flter'"):
-        api.submit("flter", None, [], f"http://127.0.0.1:{port}", pip=False)
+        submit_job("flter", None, [], f"http://127.0.0.1:{port}", pip=False)

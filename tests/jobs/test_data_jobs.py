@@ -28,7 +28,7 @@ def test_ingest_score_filter_from_yaml(ray_local, tmp_path, capsys) -> None:
         "rules:\n  - {field: width, op: '>=', value: 500}\n"
     )
     assert main(["filter", "--config", str(tmp_path / "filter.yaml")]) == 0
-    kept = set(pq.read_table(tmp_path / "kept" / "kept_keys.parquet")["key"].to_pylist())
+    kept = set(pq.read_table(tmp_path / "kept" / "parquet")["key"].to_pylist())
     assert kept == {"astronaut", "rocket", "coffee", "camera"}  # chelsea is 451 px wide
 
 
