@@ -41,11 +41,9 @@ class IngestJobConfig:
 def run_ingest_job(config: IngestJobConfig) -> Any:
     if config.urls is not None:
         result = ingest_urls(config.urls)
-        reasons: dict[str, int] = {}
-        for reason in result.rejects["reason"].to_pylist():
-            reasons[reason] = reasons.get(reason, 0) + 1
         return {"output_dir": result.output_dir, "n_input": result.n_input, "n_samples": result.n_success,
-                "n_rejected": result.rejects.num_rows, "reject_reasons": reasons}  # fmt: skip
+                "n_rejected": result.n_rejected, "reject_reasons": result.reject_reasons,
+                "n_shards": result.n_shards, "failed_shards": list(result.failed_shards)}  # fmt: skip
     return run_ingest(config.existing)
 
 

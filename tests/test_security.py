@@ -57,7 +57,7 @@ def test_tar_members_with_path_traversal_are_rejected_never_written(ray_local, t
         IngestConfig(source=SourceConfig(kind="webdataset", path=str(src)), output_dir=str(out))
     )
     assert summary.n_samples == 1 and summary.n_rejected == 5
-    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    rejects = pq.read_table(out / "rejects").to_pylist()
     assert {r["reason"] for r in rejects} == {"unsafe tar member path"}
     assert {r["detail"] for r in rejects} == {"../escape.jpg", "../escape.txt", "/tmp/absolute.jpg",
                                               "deep/../../up.jpg", "win\\..\\back.jpg"}  # fmt: skip

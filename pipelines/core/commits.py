@@ -8,7 +8,8 @@ An output directory holds:
 - ``rejects/<shard>.parquet``: a committed shard's rejects, merged and sorted by key;
 - ``_commits/<shard>.json``: the commit record (the shard's files and counts), written in one PUT: the commit
   point;
-- ``_fingerprint.json``: what made the output (weights, preprocessing, rules ...), checked by every rerun;
+- ``_commits/_fingerprint.json``: what made the output (weights, preprocessing, rules ...), checked by every
+  rerun (inside ``_commits/``: img2dataset reads every ``*.json`` at the top of its output as a shard's stats);
 - the job's manifest (``manifest.json``), written last, with every shard's record and the totals.
 
 ``commit_shard`` runs in a Ray task per shard and is idempotent: it writes the intent (``_commit.json``),
@@ -37,7 +38,8 @@ import pyarrow.parquet as pq
 from pipelines.core.storage import table_bytes, write_bytes
 
 STAGING, COMMITS, REJECTS = "_staging", "_commits", "rejects"
-INTENT, FINGERPRINT = "_commit.json", "_fingerprint.json"
+INTENT, FINGERPRINT = "_commit.json", f"{COMMITS}/_fingerprint.json"
+OLD_FINGERPRINT = "_fingerprint.json"  # where outputs from before kept it
 COMMIT_CPUS = 0.05  # commits are I/O: many may run beside the pipeline's tasks and actors
 Record = dict[str, Any]
 
@@ -94,6 +96,9 @@ class CommitStore:
             merged = merged.take(pc.sort_indices(merged, sort_keys=[("key", "ascending")]))
             write_bytes(self.uri(f"{REJECTS}/{shard_id}.parquet"), table_bytes(merged), self.options)
 
+    def write_table(self, relpath: str, table: pa.Table) -> None:
+        write_bytes(self.uri(relpath), table_bytes(table), self.options)
+
     def write_json(self, relpath: str, value: Any) -> None:
         write_bytes(self.uri(relpath), _json(value), self.options)
 
@@ -123,7 +128,7 @@ class CommitStore:
 
     def committed_ids(self) -> set[str]:
         """The committed shards (one listing of ``_commits/``)."""
-        return {n[: -len(".json")] for n in self._names(COMMITS) if n.endswith(".json")}
+        return {n[: -len(".json")] for n in self._names(COMMITS) if n.endswith(".json") and not n.startswith("_")}
 
     def records(self, shard_ids: Iterable[str], max_workers: int = 32) -> dict[str, Record]:
         """The commit records of ``shard_ids``, read concurrently."""
@@ -159,7 +164,7 @@ class CommitStore:
         """
         if on_stale not in ("refuse", redo):
             raise ValueError(f"on_stale={on_stale!r}; allowed: refuse, {redo}")
-        old = self.read_json(FINGERPRINT)
+        old = self.read_json(FINGERPRINT) or self.read_json(OLD_FINGERPRINT)
         if old is not None and _normal(old) != _normal(fingerprint):
             if on_stale == "refuse":
                 changed = sorted(k for k in {*old, *fingerprint} if old.get(k) != fingerprint.get(k))

@@ -2,13 +2,19 @@
 
 ``ingest_urls(config)`` reads a URL list (parquet, csv, tsv or jsonl with a url and a caption column), refuses
 URLs the SSRF guard (``pipelines.ingest.ssrf``) rejects, downloads the rest with ``img2dataset.download`` and turns
-every row that did not become a sample into a reject, so ``n_success + len(rejects) == n_input``.
+every row that did not become a sample into a reject, so ``n_success + n_rejected == n_input``.
 
 Output (img2dataset's layout): ``NNNNN.tar`` with ``key.jpg``, ``key.txt``, ``key.json``; ``NNNNN.parquet``
 (one row per URL given to img2dataset, with ``status`` and ``error_message``); ``NNNNN_stats.json``; plus
-``rejects.parquet`` (key, source, step, reason, detail, row_index). Every sample's JSON and every shard
-Parquet row carry ``row_index``, the row's position in the input list. Sample keys are img2dataset's keys
-over the URLs that passed the guard. Rejects refused before the download have an empty key.
+``rejects/`` (key, source, step, reason, detail, row_index): ``NNNNN.parquet`` per shard and
+``refused.parquet`` for URLs the guard refused. Every sample's JSON and every shard Parquet row carry
+``row_index``, the row's position in the input list. Sample keys are img2dataset's keys over the URLs that
+passed the guard. Rejects refused before the download have an empty key.
+
+Exactly once (``pipelines.core.commits``): after the download, one Ray task per shard (threads without Ray)
+reads that shard's status file, stages its rejects and commits it with its counts; the driver reads no
+shard. ``manifest.json`` is written last. A rerun skips committed shards (img2dataset's incremental mode
+skips complete ones); another list or other download settings are refused (``_commits/_fingerprint.json``).
 
 How img2dataset runs on Ray (1.47.0): ``distributor="ray"`` submits one Ray task per shard
 (``num_cpus=1``, ``thread_count`` download threads each) to the Ray instance this process is connected to,
@@ -21,6 +27,8 @@ shard's status: a shard that crashes is neither retried nor reported. Here a sha
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -28,7 +36,10 @@ import signal
 import tempfile
 import threading
 import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -37,9 +48,11 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from pipelines.core.commits import COMMIT_CPUS, REJECTS, STAGING, CommitStore, totals
 from pipelines.ingest.ssrf import UrlPolicy, check_urls
 
 STEP = "ingest"
+MANIFEST = "manifest.json"
 ROW_INDEX = "row_index"
 INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
@@ -188,12 +201,15 @@ class UrlIngestConfig:
 
 @dataclass(frozen=True)
 class IngestResult:
-    """What an ingest produced: counts add up, ``n_success + rejects.num_rows == n_input``."""
+    """What an ingest produced: counts add up, ``n_success + n_rejected == n_input``."""
 
     output_dir: str
     n_input: int
     n_success: int
-    rejects: pa.Table
+    n_rejected: int
+    reject_reasons: dict[str, int]
+    n_shards: int
+    failed_shards: tuple[str, ...]
 
 
 def ingest_urls(config: UrlIngestConfig) -> IngestResult:
@@ -215,25 +231,104 @@ def ingest_urls(config: UrlIngestConfig) -> IngestResult:
         )
         if reason is not None
     ]
-    fs, out_path = fsspec.core.url_to_fs(config.output_dir)
+    store = CommitStore(config.output_dir)
     # img2dataset's own "overwrite" deletes its _tmp folder after creating it (then fails): do it here.
-    if config.incremental_mode == "overwrite" and fs.exists(out_path):
-        fs.rm(out_path, recursive=True)
-    fs.makedirs(out_path, exist_ok=True)
-    if allowed.num_rows:
-        _read_shard_records(config, allowed)  # refuses an output_dir holding shards of another list, early
-        _run_img2dataset(config, allowed)
-    records = _read_shard_records(config, allowed)
-    failed = _download_rejects(allowed, records)
-    rejects = pa.Table.from_pylist(refused + failed, schema=REJECTS_SCHEMA).sort_by(ROW_INDEX)
-    n_success = sum(1 for r in records.values() if r["status"] == "success")
-    if n_success + rejects.num_rows != table.num_rows:
+    if config.incremental_mode == "overwrite":
+        store.wipe()
+    try:
+        store.prepare(_fingerprint(config, allowed), "refuse")
+    except ValueError:
+        raise ValueError(
+            f"output_dir={config.output_dir!r} holds shards of a different URL list or other download settings; "
+            "use a fresh output_dir or incremental_mode='overwrite'"
+        ) from None
+    committed = store.recover()
+    store.remove(MANIFEST)
+    n = config.number_sample_per_shard
+    shard_ids = [f"{s:0{OOM_SHARD_COUNT}d}" for s in range(math.ceil(allowed.num_rows / n))]
+    todo = [s for s in shard_ids if s not in committed]
+    if todo:
+        _run_img2dataset(config, allowed)  # incremental: img2dataset skips the shards it completed before
+    rows = {s: allowed.slice(int(s) * n, n).select([ROW_INDEX, "url"]).to_pylist() for s in todo}
+    new = _commit_shards(store, rows)
+    failed = tuple(s for s in todo if new.get(s) is None)
+    for shard in failed:  # img2dataset left no complete shard: a rerun retries it
+        rejects = [{"key": "", "source": r["url"], "step": STEP, "reason": "shard failed", ROW_INDEX: r[ROW_INDEX],
+                    "detail": "no complete output shard holds this row"} for r in rows[shard]]  # fmt: skip
+        store.write_table(f"{REJECTS}/{shard}.parquet", pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA))
+    if refused:
+        store.write_table(f"{REJECTS}/refused.parquet", pa.Table.from_pylist(refused, schema=REJECTS_SCHEMA))
+    records = store.records(committed) | {s: r for s, r in new.items() if r is not None}
+    counts = totals(records.values())
+    reasons = Counter({k.removeprefix("reason:"): v for k, v in counts.items() if k.startswith("reason:")})
+    reasons.update(r["reason"] for r in refused)
+    reasons.update({"shard failed": sum(len(rows[s]) for s in failed)} if failed else {})
+    result = IngestResult(config.output_dir, table.num_rows, counts.get("n_samples", 0), sum(reasons.values()),
+                          dict(reasons.most_common()), len(shard_ids), failed)  # fmt: skip
+    if result.n_success + result.n_rejected != table.num_rows:
         raise RuntimeError(
-            f"internal: {n_success} successes + {rejects.num_rows} rejects != {table.num_rows} rows"
+            f"internal: {result.n_success} successes + {result.n_rejected} rejects != {table.num_rows}"
         )
-    with fs.open(f"{out_path}/rejects.parquet", "wb") as f:
-        pq.write_table(rejects, f)
-    return IngestResult(config.output_dir, table.num_rows, n_success, rejects)
+    store.write_json(MANIFEST, {"schema": "samples", "layout": "img2dataset webdataset", "source": config.input_path,
+                                "fingerprint": _fingerprint(config, allowed), "summary": dataclasses.asdict(result),
+                                "totals": counts, "shards": dict(sorted(records.items()))})  # fmt: skip
+    store.remove_if_empty(STAGING)
+    return result
+
+
+def _fingerprint(config: UrlIngestConfig, allowed: pa.Table) -> dict[str, Any]:
+    """The URL list (rows that passed the guard) and the settings that shape each shard's bytes."""
+    digest = hashlib.sha256()
+    for index, url in zip(allowed[ROW_INDEX].to_pylist(), allowed["url"].to_pylist(), strict=True):
+        digest.update(f"{index}\t{url}\n".encode())
+    settings = ("caption_col", "additional_cols", "resize_mode", "image_size_px", "resize_only_if_bigger",
+                "skip_reencode", "encode_format", "encode_quality", "number_sample_per_shard")  # fmt: skip
+    return {"urls_sha256": digest.hexdigest(), "n_urls": allowed.num_rows,
+            **{name: getattr(config, name) for name in settings}}  # fmt: skip
+
+
+def _commit_shards(store: CommitStore, rows: dict[str, list[dict]]) -> dict[str, dict | None]:
+    """Commit every completed shard from its own status file: Ray tasks when Ray runs, else threads."""
+    import ray
+
+    if ray.is_initialized():
+        task = ray.remote(num_cpus=COMMIT_CPUS, max_retries=3)(commit_url_shard)
+        refs = {s: task.remote(store, s, r) for s, r in rows.items()}
+        return {s: ray.get(ref) for s, ref in refs.items()}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(zip(rows, pool.map(lambda s: commit_url_shard(store, s, rows[s]), rows), strict=True))
+
+
+def commit_url_shard(store: CommitStore, shard: str, rows: list[dict]) -> dict | None:
+    """Commit one img2dataset shard: its rejects from its status Parquet, its counts (None: not complete)."""
+    if not store.fs.exists(f"{store.path}/{shard}_stats.json"):
+        return None
+    with store.fs.open(f"{store.path}/{shard}.parquet", "rb") as f:
+        status = pq.read_table(f, columns=["key", "status", "error_message", "url", ROW_INDEX]).to_pylist()
+    urls = {r[ROW_INDEX]: r["url"] for r in rows}
+    for record in status:
+        if urls.get(record[ROW_INDEX]) != record["url"]:
+            raise ValueError(
+                f"output_dir={store.root!r} holds shard {shard} of a different URL list (row {record[ROW_INDEX]}); "
+                "use a fresh output_dir or incremental_mode='overwrite'"
+            )
+    rejects = []
+    for record in status:
+        if record["status"] != "success":
+            message = record["error_message"] or record["status"] or ""
+            rejects.append({"key": record["key"], "source": record["url"], "step": STEP, ROW_INDEX: record[ROW_INDEX],
+                            "reason": short_reason(record["status"], record["error_message"]), "detail": message[:2000]})  # fmt: skip
+    if rejects:
+        store.stage_rejects(shard, "download", pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA))
+    n_samples = len(status) - len(rejects)
+    files = [
+        {"path": f"{shard}.tar", "rows": n_samples},
+        {"path": f"{shard}.parquet"},
+        {"path": f"{shard}_stats.json"},
+    ]
+    reasons = Counter(f"reason:{r['reason']}" for r in rejects)
+    return store.commit(shard, {"shard_id": shard, "files": files, "n_input": len(status), "n_samples": n_samples,
+                                "n_rejected": len(rejects), **reasons})  # fmt: skip
 
 
 def read_url_list(config: UrlIngestConfig) -> pa.Table:
@@ -350,46 +445,3 @@ def _run_img2dataset(config: UrlIngestConfig, allowed: pa.Table) -> None:
             )
         finally:
             signal.signal(signal.SIGINT, sigint)
-
-
-def _read_shard_records(config: UrlIngestConfig, allowed: pa.Table) -> dict[int, dict]:
-    """img2dataset's per-URL records by row index, from the shards this list maps to (complete ones only)."""
-    fs, out_path = fsspec.core.url_to_fs(config.output_dir)
-    urls = dict(zip(allowed[ROW_INDEX].to_pylist(), allowed["url"].to_pylist(), strict=True))
-    records: dict[int, dict] = {}
-    for shard_id in range(math.ceil(allowed.num_rows / config.number_sample_per_shard)):
-        name = f"{out_path}/{shard_id:0{OOM_SHARD_COUNT}d}"
-        if not fs.exists(f"{name}_stats.json"):
-            continue  # the shard task failed; its rows become "shard failed" rejects
-        with fs.open(f"{name}.parquet", "rb") as f:
-            rows = pq.read_table(f, columns=["key", "status", "error_message", "url", ROW_INDEX]).to_pylist()
-        for row in rows:
-            index = row[ROW_INDEX]
-            if urls.get(index) != row["url"] or index in records:
-                raise ValueError(
-                    f"output_dir={config.output_dir!r} holds shard {shard_id} of a different URL list "
-                    f"(row {index}); use a fresh output_dir or incremental_mode='overwrite'"
-                )
-            records[index] = row
-    return records
-
-
-def _download_rejects(allowed: pa.Table, records: dict[int, dict]) -> list[dict]:
-    """One reject per allowed row that img2dataset did not turn into a sample."""
-    rejects = []
-    for index, url in zip(allowed[ROW_INDEX].to_pylist(), allowed["url"].to_pylist(), strict=True):
-        record = records.get(index)
-        if record is None:
-            reject = {
-                "key": "",
-                "reason": "shard failed",
-                "detail": "no complete output shard holds this row",
-            }
-        elif record["status"] != "success":
-            message = record["error_message"] or record["status"] or ""
-            reason = short_reason(record["status"], record["error_message"])
-            reject = {"key": record["key"], "reason": reason, "detail": message[:2000]}
-        else:
-            continue
-        rejects.append(reject | {"source": url, "step": STEP, ROW_INDEX: index})
-    return rejects

@@ -3,7 +3,7 @@
 python -m tests.faults.node_kill {encode|score} SHARDS_DIR OUT_DIR
 
 The head has 1 CPU, the two workers 2 each. A watcher removes the first worker once the job is under way
-(encode: its first part staged; score: its first scores part written, or 4 s), and prints a JSON line
+(its first part staged, or 60 s for encode and 4 s for score), and prints a JSON line
 with the kill time, the job's end time and the nodes alive afterwards.
 """
 
@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 
-def _started(job: str, out: Path) -> bool:
-    if job == "encode":  # the first parts are staged: the models are running, nothing is committed yet
-        return any(p.is_file() for p in (out / "_staging").rglob("*"))
-    return any(out.glob("part-*.parquet"))
+def _started(out: Path) -> bool:
+    """The first parts are staged: the models are running (both jobs stage, then commit per shard)."""
+    return any(p.is_file() for p in (out / "_staging").rglob("*"))
 
 
 def main(job: str, shards: str, out: str) -> None:
@@ -44,11 +43,9 @@ def main(job: str, shards: str, out: str) -> None:
 
         def watch() -> None:
             start = time.monotonic()
-            while not _started(job, Path(out)) and time.monotonic() - start < (60 if job == "encode" else 4):
+            while not _started(Path(out)) and time.monotonic() - start < (60 if job == "encode" else 4):
                 time.sleep(0.05)
-            killed["done_before"] = len(
-                list(Path(out).glob("_commits/*.json" if job == "encode" else "part-*"))
-            )
+            killed["done_before"] = len(list(Path(out).glob("_commits/*.json")))
             cluster.remove_node(victim, allow_graceful=False)
             killed["at"] = time.time()
 

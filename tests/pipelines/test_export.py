@@ -233,7 +233,7 @@ def test_webdataset_cache_exports_the_same_bytes(exports, cache, tmp_path) -> No
     out = tmp_path / "out"
     run_export(ExportConfig(latents=str(cache), output_dir=str(out), format="webdataset", rows_per_file=2))
     got, want = digests(out), digests(exports["float16"])
-    for name in (MANIFEST, "_fingerprint.json"):
+    for name in (MANIFEST, "_commits/_fingerprint.json"):
         assert got.pop(name) != want.pop(name)  # they name the source format
     assert got == want
 
@@ -314,7 +314,7 @@ def test_s3_cache_to_s3_export(exports, cache) -> None:
         local = digests(exports["float16"])
         for name, digest in local.items():
             data = fs.cat_file(f"export-test-bucket/export/{name}")
-            same = name not in (MANIFEST, "_fingerprint.json")  # these name the cache's location
+            same = name not in (MANIFEST, "_commits/_fingerprint.json")  # these name the cache's location
             assert (hashlib.sha256(data).hexdigest() == digest) == same, name
         table = pq.read_table("export-test-bucket/export/9x6", filesystem=fs)
         assert table.num_rows == 3
