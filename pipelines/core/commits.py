@@ -128,7 +128,9 @@ class CommitStore:
 
     def committed_ids(self) -> set[str]:
         """The committed shards (one listing of ``_commits/``)."""
-        return {n[: -len(".json")] for n in self._names(COMMITS) if n.endswith(".json") and not n.startswith("_")}
+        return {
+            n[: -len(".json")] for n in self._names(COMMITS) if n.endswith(".json") and not n.startswith("_")
+        }
 
     def records(self, shard_ids: Iterable[str], max_workers: int = 32) -> dict[str, Record]:
         """The commit records of ``shard_ids``, read concurrently."""

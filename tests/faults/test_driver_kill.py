@@ -1,6 +1,8 @@
-"""Driver killed mid-job (SIGKILL of the ``cascade`` process group and its local Ray), then the same command
-again: the output holds every key exactly once, as an uninterrupted run's does. Encode has its own test
-(tests/pipelines/test_encode.py); training resumes exactly (tests/jobs/test_train.py)."""
+"""Driver killed mid-job (SIGKILL of the ``cascade`` process group and its local Ray), then the job again with
+other batch sizes and concurrency: the output holds every key exactly once, as an uninterrupted run's does; a
+third run finds everything committed and changes nothing. Encode has its own test
+(tests/pipelines/test_encode.py); training resumes exactly (tests/jobs/test_train.py); the report is one commit
+unit (tests/pipelines/test_report.py)."""
 
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def test_ingest_then_score_killed_and_rerun_write_every_key_once(source, tmp_pat
                      f"existing.output_dir={shards}", "existing.resources.concurrency=1")  # fmt: skip
     kill_when(ingest, lambda: any(shards.glob("*.tar")))
     assert len(list(shards.glob("*.tar"))) < N_SHARDS and not (shards / "manifest.json").exists()
-    rerun(ingest)
+    rerun([*ingest, "--set", "existing.resources.concurrency=2"])
     assert sorted(p.name for p in shards.glob("*.tar")) == [f"{s:05d}.tar" for s in range(N_SHARDS)]
     ingested = keys(shards, "*.parquet")  # img2dataset status rows, one per sample
     assert len(ingested) == len(set(ingested)) and set(ingested) == expected
@@ -78,10 +80,26 @@ def test_ingest_then_score_killed_and_rerun_write_every_key_once(source, tmp_pat
                     "read_resources.concurrency=1")  # fmt: skip
     kill_when(score, lambda: any(scores.glob("parquet/*.parquet")))
     assert len(keys(scores, "parquet/*.parquet")) < len(expected)
-    rerun(score)
+    other = ["--set", "score_resources.batch_size=3", "--set", "write_resources.batch_size=7",
+             "--set", "read_resources.concurrency=2"]  # fmt: skip
+    rerun([*score, *other])
     scored = keys(scores, "parquet/*.parquet")
     assert len(scored) == len(set(scored)), "a key was scored twice"
     assert set(scored) == expected
+    before = {p.name: p.stat().st_mtime_ns for p in scores.glob("parquet/*.parquet")}
+    rerun(score)  # everything committed: nothing redone, nothing added
+    assert {p.name: p.stat().st_mtime_ns for p in scores.glob("parquet/*.parquet")} == before
+    kept = tmp_path / "kept"
+    rules = "rules=[{field: key, op: 'not in', value: [s0_chelsea, s1_rocket]}]"
+    run_filter = cascade(
+        "filter", f"scores_dir={scores}", f"output_dir={kept}", rules, "resources.concurrency=1"
+    )
+    kill_when(run_filter, lambda: any(kept.glob("_commits/0*.json")))  # a shard's record
+    assert not (kept / "manifest.json").exists()
+    rerun([*run_filter, "--set", "resources.concurrency=4"])
+    rerun([*run_filter, "--set", "resources.concurrency=3"])
+    filtered = keys(kept, "parquet/*.parquet")
+    assert len(filtered) == len(set(filtered)) and set(filtered) == expected - {"s0_chelsea", "s1_rocket"}
 
 
 @pytest.mark.timeout(300)
@@ -110,8 +128,8 @@ def test_export_killed_and_rerun_lists_every_row_once(tmp_path) -> None:
     export = cascade("export", f"latents={cache}", f"output_dir={out}", "rows_per_file=8", "dtype=float32")
     kill_when(export, lambda: any(out.glob("24x24/part-*.parquet")), timeout=120)
     assert not (out / "export_manifest.json").exists()
-    assert len(list(out.glob("_commits/*.json"))) < 4
-    rerun(export)
+    assert len(list(out.glob("_commits/0*.json"))) < 4
+    rerun([*export, "--set", "resources.concurrency=1"])
     manifest = json.loads((out / "export_manifest.json").read_text())
     files = sorted(p.relative_to(out).as_posix() for p in out.glob("*/part-*"))
     assert files == sorted(manifest["files"]) and len(files) == len(expected) // 8

@@ -19,6 +19,7 @@ from pipelines.core.plan import Plan, PlannedStep
 from pipelines.core.preprocess import PreprocessConfig
 from pipelines.core.shards import members_tar_bytes
 from pipelines.core.sources import SourceConfig
+from pipelines.core.step import Resources
 from pipelines.encode.models import EncoderConfig
 from pipelines.encode.steps import PIXELS
 from pipelines.report.pipeline import ReportConfig, run_report
@@ -177,6 +178,19 @@ def test_report_from_a_cache(cache, tmp_path) -> None:
     run_report(ReportConfig(output_dir=str(again), latents=str(latents), num_samples=5, worst_k=3,
                             reconstruct=RANDOM_LPIPS))  # fmt: skip
     assert json.loads((again / "report.json").read_text())["samples"] == samples  # seeded: the same report
+    before = (again / "report.json").stat().st_mtime_ns
+    other = ReportConfig(output_dir=str(again), latents=str(latents), num_samples=5, worst_k=3, reconstruct=RANDOM_LPIPS,
+                         reconstruct_resources=Resources(num_cpus=1, batch_size=2))  # fmt: skip
+    assert run_report(other) == run_report(other)  # committed: the same summary, nothing redone
+    assert (again / "report.json").stat().st_mtime_ns == before
+    (again / "_commits" / "report.json").unlink()  # what a run killed before its commit leaves: staging only
+    (again / "manifest.json").unlink()
+    (again / "report.html").unlink()
+    (again / "_staging" / "report" / "images").mkdir(parents=True)
+    (again / "_staging" / "report" / "images" / "00000_original.png").write_bytes(b"cut short")
+    run_report(other)
+    assert json.loads((again / "report.json").read_text())["samples"] == samples
+    assert (again / "report.html").exists() and not (again / "_staging").exists()
 
 
 def test_report_from_raw_images_lists_bad_rows(ray_local, tmp_path) -> None:
