@@ -133,31 +133,68 @@ def _share(wanted: int, taken: int, sources_left: int) -> int:
 
 
 def sample_cache(config: ReportConfig) -> list[dict[str, Any]]:
-    """Seeded rows of a latent cache: key, caption, source shard, bucket, encoder version, effnet, pooled text."""
-    from pipelines.core.latents_reader import list_latent_files, read_latent_table, table_to_batch
+    """Seeded rows of a latent cache: key, caption, source shard, bucket, encoder version, effnet, pooled text.
+
+    The files and their rows come from the cache's manifest (footers only for a cache without per-file rows);
+    the driver picks files in a seeded order and rows in each, then Ray tasks read the picked rows.
+    """
+    import ray
+
+    from pipelines.core.latents_reader import committed_records, file_info, list_latent_files
 
     options = config.input_options()
+    rows_of = _rows_per_file(committed_records(config.latents, options) or {}, config)
     files = list_latent_files(config.latents, config.latents_format, options)
     rng = np.random.default_rng(config.seed)
-    rows: list[dict[str, Any]] = []
-    wanted = [c.KEY, c.CAPTION, c.SOURCE_SHARD, c.BUCKET, c.EFFNET, c.CLIP_TEXT_POOLED]
+    picks: list[tuple[str, list[int]]] = []
+    taken = 0
     for position, index in enumerate(rng.permutation(len(files))):
-        per_file = _share(config.num_samples, len(rows), len(files) - position)
-        table = read_latent_table(
-            files[index], config.latents_format, storage_options=options, columns=wanted
+        uri = files[index]
+        n = rows_of.get(uri)
+        if n is None:
+            n = file_info(uri, config.latents_format, storage_options=options)[1]
+        picked = sorted(
+            int(r) for r in rng.permutation(n)[: _share(config.num_samples, taken, len(files) - position)]
         )
-        meta = FileMetadata.from_arrow(table.schema.metadata)  # one read per file: the table carries it
-        version = _version(meta.encoder_flavors.get("effnet", "?"), meta.weights_sha256.get("effnet"))
-        batch = table_to_batch(table, float32=True)
-        for r in sorted(rng.permutation(table.num_rows)[:per_file]):
-            rows.append({k: batch[k][r] for k in wanted} | {ENCODER_VERSION: version})
-        if len(rows) >= config.num_samples:
+        picks.append((uri, picked))
+        taken += len(picked)
+        if taken >= config.num_samples:
             break
+    task = ray.remote(num_cpus=config.crop_resources.num_cpus)(_read_cache_rows)
+    rows = [
+        row for found in ray.get([task.remote(config, uri, picked) for uri, picked in picks]) for row in found
+    ]
     return rows[: config.num_samples]
 
 
+def _rows_per_file(records: dict[str, Any], config: ReportConfig) -> dict[str, int]:
+    base = config.latents.rstrip("/")
+    return {f"{base}/{f['path']}": int(f["rows"]) for r in records.values() for f in r.get("files", ())
+            if isinstance(f, dict) and "rows" in f}  # fmt: skip
+
+
+def _read_cache_rows(config: ReportConfig, uri: str, picked: list[int]) -> list[dict[str, Any]]:
+    """Task body: the picked rows of one cache file."""
+    from pipelines.core.latents_reader import read_latent_table, table_to_batch
+
+    wanted = [c.KEY, c.CAPTION, c.SOURCE_SHARD, c.BUCKET, c.EFFNET, c.CLIP_TEXT_POOLED]
+    table = read_latent_table(
+        uri, config.latents_format, storage_options=config.input_options(), columns=wanted
+    )
+    meta = FileMetadata.from_arrow(table.schema.metadata)  # one read per file: the table carries it
+    version = _version(meta.encoder_flavors.get("effnet", "?"), meta.weights_sha256.get("effnet"))
+    batch = table_to_batch(table, float32=True)
+    return [{k: batch[k][r] for k in wanted} | {ENCODER_VERSION: version} for r in picked]
+
+
 def sample_images(config: ReportConfig) -> list[dict[str, Any]]:
-    """Seeded rows of raw image–text shards (reservoir per shard): key, caption, image bytes, shard."""
+    """Seeded rows of raw image–text shards: key, caption, image bytes, shard.
+
+    Shards are taken in a seeded order, in waves of at most one shard per missing sample; a Ray task per
+    shard keeps a seeded reservoir of its share (the driver never reads a shard).
+    """
+    import ray
+
     from pipelines.encode.writer import weights_fingerprint
 
     shards = list_shards(config.images)
@@ -166,23 +203,38 @@ def sample_images(config: ReportConfig) -> list[dict[str, Any]]:
     version = _version(
         config.effnet.flavor, weights_fingerprint(config.effnet) if config.effnet.weights else None
     )
-    rng = np.random.default_rng(config.seed)
+    order = [int(i) for i in np.random.default_rng(config.seed).permutation(len(shards))]
+    task = ray.remote(num_cpus=config.crop_resources.num_cpus)(_reservoir)
     rows: list[dict[str, Any]] = []
-    for position, index in enumerate(rng.permutation(len(shards))):
-        shard, per_shard = shards[index], _share(config.num_samples, len(rows), len(shards) - position)
-        kept: list[dict[str, Any]] = []
-        for seen, row in enumerate(_rows(read_shard(config.images, shard))):
-            if seen < per_shard:
-                kept.append(row)
-            elif (slot := int(rng.integers(seen + 1))) < per_shard:
-                kept[slot] = row
-        name = (
-            shard["uris"][0] if config.images.kind != "folder" else f"folder shard {shard['shard_index']:05d}"
-        )
-        rows += [r | {c.SOURCE_SHARD: name, ENCODER_VERSION: version} for r in kept]
-        if len(rows) >= config.num_samples:
-            break
+    position = 0
+    while len(rows) < config.num_samples and position < len(order):
+        wave = order[position : position + config.num_samples - len(rows)]
+        share = math.ceil((config.num_samples - len(rows)) / len(wave))
+        found = ray.get([task.remote(config.images, shards[i], share, [config.seed, i]) for i in wave])
+        for i, kept in zip(wave, found, strict=True):
+            shard = shards[i]
+            name = (
+                shard["uris"][0]
+                if config.images.kind != "folder"
+                else f"folder shard {shard['shard_index']:05d}"
+            )
+            rows += [r | {c.SOURCE_SHARD: name, ENCODER_VERSION: version} for r in kept]
+        position += len(wave)
     return rows[: config.num_samples]
+
+
+def _reservoir(
+    source: SourceConfig, shard: dict[str, Any], size: int, seed: list[int]
+) -> list[dict[str, Any]]:
+    """Task body: a seeded uniform sample of ``size`` rows of one shard, in one pass."""
+    rng = np.random.default_rng(seed)
+    kept: list[dict[str, Any]] = []
+    for seen, row in enumerate(_rows(read_shard(source, shard))):
+        if seen < size:
+            kept.append(row)
+        elif (slot := int(rng.integers(seen + 1))) < size:
+            kept[slot] = row
+    return kept
 
 
 def _rows(batches: Iterator[Batch]) -> Iterator[dict[str, Any]]:
