@@ -9,7 +9,9 @@ Runs, each in its own process with its own timeout (7 to 9 minutes in all on 2 C
 * ``score.py --flavor clip_score/l14``: the score pipeline against the bare scorer forward;
 * ``train.py --quick``: the training step on the cache against the same step on in-memory tensors and against
   the on-the-fly step, per Stage C flavor (tiny, 1B-shaped), and the Ray Train data-wait fraction;
-* ``read.py``: the cache readers against a raw pyarrow read of the same files.
+* ``read.py``: the cache readers against a raw pyarrow read of the same files;
+* ``scale.py --quick``: per-shard driver and join costs at 100 and 1000 shards, end to end per sample at two
+  sizes (the full sizes, 10² → 10⁴ shards and 10³ → 10⁴ samples, run on their own: ``python benchmarks/scale.py``).
 
 Writes ``{out}.json`` (every benchmark's full result, the settings and the ratio rows) and ``{out}.md`` (the
 table). A benchmark that fails or times out shows as such in its rows; the others still run.
@@ -37,6 +39,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "score": (["score.py", "--flavor", "clip_score/l14", "--images", "16", "--batch", "4"], 180),
     "train": (["train.py", "--quick"], 420),
     "read": (["read.py", "--rows", "1024", "--files", "8"], 120),
+    "scale": (["scale.py", "--quick"], 900),
 }
 
 
@@ -121,9 +124,31 @@ def ratio_rows(results: dict[str, dict]) -> list[dict]:
     rows.append(_row("bytes on disk per sample / raw tensor bytes", _get(enc, "bytes", "ratio"), "≤ 1.05",
                      lambda v: v <= 1.05, f"real encodes in one part; as written in {_fmt(_get(enc, 'bytes', 'rows_per_part_as_written'))}-row "
                      f"parts: {_fmt(_get(enc, 'bytes', 'ratio_as_written'))}; random fp16 tensors: {_fmt(read.get('ratio_bytes_over_raw'))}"))  # fmt: skip
+    rows += scale_rows(results.get("scale", {}))
     for name, result in results.items():
         if "error" in result:
             rows.append(_row(f"{name} benchmark", None, "runs", None, result["error"].splitlines()[0][:200]))
+    return rows
+
+
+def scale_rows(scale: dict) -> list[dict]:
+    """How cost grows from the smallest to the largest size of ``scale.py``."""
+    ratios = scale.get("ratios") or {}
+    sizes = ratios.get("sizes") or ["?", "?"]
+    rows = [
+        _row(f"driver time per shard, {sizes[1]} / {sizes[0]} shards ({job})", value, "≤ 1.5", lambda v: v <= 1.5,
+             "planning and committing" if job.startswith("encode") else "whole job" if job in ("filter", "export")
+             else "cache opened from its manifest")
+        for job, value in (ratios.get("driver_per_shard_largest_over_smallest") or {}).items()
+    ]  # fmt: skip
+    rows.append(_row(f"join per shard, {sizes[1]} / {sizes[0]} shards", ratios.get("join_per_shard_largest_over_smallest"),
+                     "≤ 1.5", lambda v: v <= 1.5, "kept keys + stored CLIP-L embeddings, opened by name"))  # fmt: skip
+    rows.append(_row(f"driver peak RSS at {sizes[1]} shards (MiB)", ratios.get("driver_peak_rss_mib_largest"),
+                     "≤ 2048", lambda v: v <= 2048, "the driver process, Ray client included"))  # fmt: skip
+    e2e = [e for e in scale.get("e2e", []) if "error" not in e]
+    note = " → ".join(f"{e['n_samples']} samples {e['s_per_sample']:.3g} s" for e in e2e)
+    rows.append(_row("end to end per sample, largest / smallest run", ratios.get("e2e_s_per_sample_largest_over_smallest"),
+                     "≤ 1.2", lambda v: v <= 1.2, f"ingest → score → filter → encode, tiny flavors; {note}"))  # fmt: skip
     return rows
 
 

@@ -21,7 +21,7 @@ Three measurements, each at every size in a process of its own (so each driver's
 * **End to end** at ``--e2e`` samples in 100-sample shards: ingest → score → filter → encode with tiny flavors
   on real photos (96 px), seconds per sample; goal: the largest run ≤ 1.2× the smallest per sample.
 
-``--quick`` runs 100 and 1000 shards and 500 and 2000 samples.
+``--quick`` runs 100 and 1000 shards and 200 and 800 samples.
 """
 
 from __future__ import annotations
@@ -258,8 +258,9 @@ def _scan_join(root: Path, shard: str) -> None:
 
 
 # --- end to end --------------------------------------------------------------------------------------------------
-def run_e2e(n_samples: int, root: Path, per_shard: int = 100) -> dict[str, Any]:
-    """ingest → score → filter → encode of ``n_samples`` real photos (96 px) with tiny flavors."""
+def run_e2e(n_samples: int, root: Path, per_shard: int = 100, calls: bool = False) -> dict[str, Any]:
+    """ingest → score → filter → encode of ``n_samples`` real photos (96 px) with tiny flavors; with ``calls``,
+    also the storage calls of one shard's work in each job (``per_shard_calls``)."""
     import io
 
     import ray
@@ -289,19 +290,22 @@ def run_e2e(n_samples: int, root: Path, per_shard: int = 100) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     shards = SourceConfig(kind="webdataset", path=str(root / "shards"))
     actor = Resources(num_cpus=0.5, batch_size=50)
+    score_config = ScoreConfig(shards=shards, output_dir=str(root / "scores"), scorer=ScorerConfig(flavor="clip_score/tiny"),
+                               score_resources=actor)  # fmt: skip
+    encode_config = EncodeConfig(
+        shards=shards, output_dir=str(root / "latents"), kept_keys=str(root / "kept"), scores_dir=str(root / "scores"),
+        formats=("parquet", "webdataset"), preprocess=PreprocessConfig(image_size_px=256),
+        effnet=EncoderConfig(flavor="effnet/tiny"), clip_text=EncoderConfig(flavor="clip_text/tiny"),
+        clip_image=EncoderConfig(flavor="clip_vision/tiny"), effnet_resources=actor, clip_text_resources=actor,
+        clip_image_resources=actor,
+    )  # fmt: skip
     jobs = {
         "ingest": lambda: run_ingest(IngestConfig(source=SourceConfig(kind="webdataset", path=str(root / "src")),
                                                   output_dir=str(root / "shards"))),
-        "score": lambda: run_score(ScoreConfig(shards=shards, output_dir=str(root / "scores"),
-                                               scorer=ScorerConfig(flavor="clip_score/tiny"), score_resources=actor)),
+        "score": lambda: run_score(score_config),
         "filter": lambda: run_filter(FilterConfig(scores_dir=str(root / "scores"), output_dir=str(root / "kept"),
                                                   rules=(Rule(field="width", op=">=", value=64),))),
-        "encode": lambda: run_encode(EncodeConfig(
-            shards=shards, output_dir=str(root / "latents"), kept_keys=str(root / "kept"),
-            scores_dir=str(root / "scores"), formats=("parquet",), preprocess=PreprocessConfig(image_size_px=256),
-            effnet=EncoderConfig(flavor="effnet/tiny"), clip_text=EncoderConfig(flavor="clip_text/tiny"),
-            clip_image=EncoderConfig(flavor="clip_vision/tiny"), effnet_resources=actor, clip_text_resources=actor,
-            clip_image_resources=actor)),
+        "encode": lambda: run_encode(encode_config),
     }  # fmt: skip
     walls = {}
     for name, job in jobs.items():
@@ -310,8 +314,80 @@ def run_e2e(n_samples: int, root: Path, per_shard: int = 100) -> dict[str, Any]:
         walls[name] = time.perf_counter() - start
     ray.shutdown()
     total = sum(walls.values())
-    return {"n_samples": n_samples, "per_shard": per_shard, "wall_s": walls, "total_s": total,
-            "s_per_sample": total / n_samples}  # fmt: skip
+    result = {"n_samples": n_samples, "per_shard": per_shard, "wall_s": walls, "total_s": total,
+              "s_per_sample": total / n_samples}  # fmt: skip
+    if calls:
+        result["storage_calls_per_shard"] = per_shard_calls(root, encode_config, score_config)
+    return result
+
+
+def per_shard_calls(root: Path, encode: Any, score: Any) -> dict[str, int]:
+    """Storage calls of one 100-sample shard's work in each job (what its Ray tasks do), counted without Ray:
+    read, stage, commit. Each call is about one request of an object store (a move is two: copy, delete)."""
+    import numpy as np
+
+    from pipelines.core.by_shard import LAYOUT  # noqa: F401  (the layouts counted here)
+    from pipelines.core.commits import CommitStore, commit_shard
+    from pipelines.core.completion import ShardTracker
+    from pipelines.core.sink import MergeParts
+    from pipelines.core.sources import SourceConfig, list_shards
+    from pipelines.encode.pipeline import _files, encode_plan, preprocessing_spec, read_config
+    from pipelines.encode.writer import WriteConfig, fingerprint_metadata
+    from pipelines.export.pipeline import (
+        ExportConfig,
+        ExportShards,
+        ExportTaskConfig,
+        model_metadata,
+        plan_export,
+    )
+    from pipelines.filter.pipeline import FilterShards, Rule, ShardFilterConfig
+    from pipelines.ingest.existing import IngestConfig, IngestShard
+    from pipelines.score.pipeline import _stage_config, score_plan
+    from tests.storage_calls import counting
+
+    calls: dict[str, int] = {}
+    out = root / "calls"
+    src = list_shards(SourceConfig(kind="webdataset", path=str(root / "src")))[0]
+    ingest = IngestConfig(
+        source=SourceConfig(kind="webdataset", path=str(root / "src")), output_dir=str(out / "shards")
+    )
+    with counting() as record:
+        IngestShard(ingest)({"shard_index": np.asarray([0]), "uris": np.asarray([src["uris"]], dtype=object)})
+    calls["ingest"] = record.n
+    shard = list_shards(encode.shards)[0]
+    row = {"shard_index": np.asarray([0]), "uris": np.asarray([shard["uris"]], dtype=object)}
+    import dataclasses
+
+    score = dataclasses.replace(score, output_dir=str(out / "scores"))
+    stage = _stage_config(score)
+    with counting() as record:
+        (summary,) = ShardTracker().add(score_plan(score).run_local(row))
+        commit_shard(stage.store, summary["shard_id"], summary, MergeParts(stage.schema, stage.metadata))
+    calls["score"] = record.n
+    task = ShardFilterConfig(scores_root=str(root / "scores"), storage_options={},
+                             rules=(Rule(field="width", op=">=", value=64),), store=CommitStore(str(out / "kept")))  # fmt: skip
+    with counting() as record:
+        FilterShards(task)({"shard_id": np.asarray(["00000"], dtype=object)})
+    calls["filter"] = record.n
+    encode = dataclasses.replace(encode, output_dir=str(out / "latents"))
+    metadata = fingerprint_metadata(encode.encoders(), preprocessing_spec(encode))
+    write = WriteConfig(output_dir=encode.output_dir, metadata=metadata, formats=encode.formats)
+    plan = encode_plan(encode, write, read_config(encode, CommitStore(str(root / "latents"))))
+    with counting() as record:
+        (summary,) = ShardTracker().add(plan.run_local(row))
+        commit_shard(write.store, summary["shard_id"], _files(summary))
+    calls["encode"] = record.n
+    export = ExportConfig(latents=str(root / "latents"), output_dir=str(out / "export"))
+    planned = plan_export(export)
+    models = {b: model_metadata(m, export, planned.cache, b, None) for b, m in planned.metas.items()}
+    step = ExportShards(ExportTaskConfig(config=export, metas=planned.metas, models=models,
+                                         store=CommitStore(export.output_dir)))  # fmt: skip
+    unit = next(iter(planned.units))
+    files = json.dumps([dataclasses.astuple(f) for f in planned.units[unit]])
+    with counting() as record:
+        step({"shard_id": np.asarray([unit], dtype=object), "files": np.asarray([files], dtype=object)})
+    calls["export"] = record.n
+    return calls
 
 
 # --- the parent: every size in a child process, then the ratios ------------------------------------------------
@@ -353,30 +429,30 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--e2e", type=int, nargs="*", default=[1000, 10000])
-    parser.add_argument("--quick", action="store_true", help="100 and 1000 shards; 500 and 2000 samples")
+    parser.add_argument("--quick", action="store_true", help="100 and 1000 shards; 200 and 800 samples")
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)  # child: one driver size
     parser.add_argument("--samples", type=int, help=argparse.SUPPRESS)  # child: one end-to-end size
     parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--calls", action="store_true", help=argparse.SUPPRESS)  # child: one shard's calls
     args = parser.parse_args()
     if args.size or args.samples:
-        result = (
-            run_size(args.size, args.keys, Path(args.root))
-            if args.size
-            else run_e2e(args.samples, Path(args.root))
-        )
+        if args.size:
+            result = run_size(args.size, args.keys, Path(args.root))
+        else:
+            result = run_e2e(args.samples, Path(args.root), calls=args.calls)
         Path(args.out).write_text(json.dumps(result, indent=2))
         return
     if args.quick:
-        args.shards, args.e2e = [100, 1000], [500, 2000]
+        args.shards, args.e2e = [100, 1000], [200, 800]
     sizes, e2e = [], []
     for n in args.shards:
         print(f"driver and joins at {n} shards …", flush=True)
         sizes.append(_child(["--size", str(n), "--keys", str(args.keys)]))
         print(json.dumps({k: sizes[-1].get(k) for k in ("driver_s_per_shard", "join_s_per_shard",
                                                         "driver_peak_rss_mib", "error")}), flush=True)  # fmt: skip
-    for n in args.e2e:
+    for i, n in enumerate(args.e2e):
         print(f"end to end at {n} samples …", flush=True)
-        e2e.append(_child(["--samples", str(n)]))
+        e2e.append(_child(["--samples", str(n), *(["--calls"] if i == 0 else [])]))
         print(json.dumps({k: e2e[-1].get(k) for k in ("wall_s", "s_per_sample", "error")}), flush=True)
     result = {"sizes": sizes, "e2e": e2e, "ratios": summarize(sizes, e2e), "cpu_count": os.cpu_count()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

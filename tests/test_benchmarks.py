@@ -59,3 +59,24 @@ def test_run_all_rows_put_each_ratio_beside_its_goal_and_name_a_failed_benchmark
     assert rows["score benchmark"]["note"] == "timed out after 180 s"
     table = run_all.markdown(list(rows.values()), results)
     assert "| cached read rate / raw pyarrow read | 0.4 | ≥ 0.5 | **no** |" in table
+
+
+def test_scale_ratios_compare_the_largest_size_with_the_smallest_and_flag_their_goals():
+    scale, run_all = _module("scale"), _module("run_all")
+    sizes = [
+        {"n_shards": 100, "driver_s": {"filter": 2.0}, "driver_s_per_shard": {"filter": 0.02},
+         "join_s_per_shard": 0.002, "driver_peak_rss_mib": 900.0},
+        {"error": "exit 1"},  # a size that failed is left out
+        {"n_shards": 10000, "driver_s": {"filter": 400.0}, "driver_s_per_shard": {"filter": 0.04},
+         "join_s_per_shard": 0.0021, "driver_peak_rss_mib": 1200.0},
+    ]  # fmt: skip
+    e2e = [{"n_samples": 1000, "s_per_sample": 0.1}, {"n_samples": 10000, "s_per_sample": 0.11}]
+    ratios = scale.summarize(sizes, e2e)
+    assert ratios["driver_per_shard_largest_over_smallest"] == {"filter": pytest.approx(2.0)}
+    assert ratios["join_per_shard_largest_over_smallest"] == pytest.approx(1.05)
+    assert ratios["e2e_s_per_sample_largest_over_smallest"] == pytest.approx(1.1)
+    rows = {r["ratio"]: r for r in run_all.scale_rows({"ratios": ratios, "e2e": e2e})}
+    assert rows["driver time per shard, 10000 / 100 shards (filter)"]["met"] is False  # 2.0 > 1.5
+    assert rows["join per shard, 10000 / 100 shards"]["met"] is True
+    assert rows["driver peak RSS at 10000 shards (MiB)"]["met"] is True
+    assert rows["end to end per sample, largest / smallest run"]["met"] is True
