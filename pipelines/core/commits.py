@@ -271,7 +271,8 @@ def read_manifest(
 
 
 def _json(value: Any) -> bytes:
-    return json.dumps(value, indent=1, sort_keys=True, default=str).encode()
+    """Compact JSON: a manifest lists every shard's files (tens of bytes each, millions at web scale)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str).encode()
 
 
 def _normal(value: Any) -> Any:
