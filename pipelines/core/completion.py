@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipelines.core.step import Batch, batch_size, object_column
 from schemas.columns import KEY, REJECT_DETAIL, REJECT_REASON, REJECT_STEP, SOURCE
+
+if TYPE_CHECKING:
+    from pipelines.core.commits import Committer
+    from pipelines.core.plan import Plan
 
 END_OF_SHARD = "end of shard"
 SHARD_ID = "shard_id"
@@ -127,3 +131,24 @@ class ShardTracker:
     def pending(self) -> list[str]:
         """Shards that reported rows but are not complete."""
         return sorted(set(self.rows) - self.done)
+
+
+def run_and_commit(
+    plan: Plan,
+    items: list[dict[str, Any]],
+    committer: Committer,
+    record: Callable[[dict], dict] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Stream ``items`` (one row per input shard) through ``plan``, whose last step is a writer, and commit each
+    shard as soon as it is complete (``record`` turns the tracker's record into the commit record); returns the
+    records committed in this run."""
+    import ray
+
+    if items:
+        tracker = ShardTracker()
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # batch_size=None: every block as soon as it exists, so shards commit while the job runs
+        for batch in plan.apply(ds).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            for done in tracker.add(batch):
+                committer.submit(done["shard_id"], record(done) if record else done)
+    return committer.wait()

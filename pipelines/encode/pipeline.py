@@ -28,7 +28,7 @@ import numpy as np
 from pipelines.core.by_shard import open_per_shard
 from pipelines.core.commits import CommitStore, Committer, JobOutput
 from pipelines.core.commits import totals as _totals
-from pipelines.core.completion import ShardTracker
+from pipelines.core.completion import run_and_commit
 from pipelines.core.plan import Plan, PlannedStep
 from pipelines.core.preprocess import PreprocessConfig
 from pipelines.core.sources import SourceConfig, unique_shards
@@ -210,8 +210,6 @@ def fingerprint(metadata: Any) -> dict[str, Any]:
 
 def run_encode(config: EncodeConfig) -> EncodeSummary:
     """Encode every uncommitted shard on the current Ray cluster, committing shards as they complete."""
-    import ray
-
     metadata = fingerprint_metadata(config.encoders(), preprocessing_spec(config))
     write = WriteConfig(output_dir=config.output_dir, metadata=metadata, dtype=config.dtype, formats=config.formats,
                         member_format=config.member_format, stage_a=config.stage_a is not None,
@@ -223,16 +221,8 @@ def run_encode(config: EncodeConfig) -> EncodeSummary:
     output = JobOutput(store, fingerprint(metadata), on_stale, redo="reencode")
     todo = set(output.start(shards))
     plan = encode_plan(config, write, read_config(config, store))
-    committer = Committer(store)
-    if todo:
-        tracker = ShardTracker()
-        items = [s for i, s in shards.items() if i in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        # batch_size=None: every block as soon as it exists, so shards commit while the job runs
-        for batch in plan.apply(ds).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            for record in tracker.add(batch):
-                committer.submit(record["shard_id"], _files(record))
-    return _finish(config, output, metadata, committer.wait(), shards, len(shards) - len(todo))
+    new = run_and_commit(plan, [s for i, s in shards.items() if i in todo], Committer(store), _files)
+    return _finish(config, output, metadata, new, shards, len(shards) - len(todo))
 
 
 def _files(record: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipelines.core.by_shard import LAYOUT
 from pipelines.core.commits import Committer, JobOutput
-from pipelines.core.completion import SHARD_ID, ShardTracker, closed
+from pipelines.core.completion import SHARD_ID, closed, run_and_commit
 from pipelines.core.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb, to_float_chw
 from pipelines.core.plan import Plan, PlannedStep
 from pipelines.core.sink import MergeParts, StageConfig, StageRows
@@ -257,23 +257,14 @@ def fingerprint(config: ScoreConfig) -> dict[str, Any]:
 
 def run_score(config: ScoreConfig) -> ScoreSummary:
     """Score every shard not yet committed in ``output_dir`` on the current Ray cluster."""
-    import ray
-
     plan = score_plan(config)
     shards = unique_shards(config.shards)
     stage = _stage_config(config)
     output = JobOutput(stage.store, fingerprint(config), config.on_stale)
     todo = set(output.start(shards))
     committer = Committer(stage.store, MergeParts(stage.schema, stage.metadata))
-    if todo:
-        tracker = ShardTracker()
-        items = [s for i, s in shards.items() if i in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        # batch_size=None: every block as soon as it exists, so shards commit while the job runs
-        for batch in plan.apply(ds).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            for record in tracker.add(batch):
-                committer.submit(record["shard_id"], record)
-    manifest = output.finish(committer.wait(), shards, schema=stage.metadata.schema_id, layout=LAYOUT,
+    new = run_and_commit(plan, [s for i, s in shards.items() if i in todo], committer)
+    manifest = output.finish(new, shards, schema=stage.metadata.schema_id, layout=LAYOUT,
                              shards_path=config.shards.path)  # fmt: skip
     totals = manifest["totals"]
     reasons = {k.removeprefix("reason:"): v for k, v in totals.items() if k.startswith("reason:")}
