@@ -104,6 +104,7 @@ class CommitStore:
 
     def read_json(self, relpath: str) -> Any:
         path = f"{self.path}/{relpath}"
+        self.fs.invalidate_cache(path.rsplit("/", 1)[0])  # written by tasks elsewhere: ask the store itself
         return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
 
     def remove_if_empty(self, relpath: str) -> None:
@@ -122,9 +123,13 @@ class CommitStore:
     def _names(self, folder: str) -> list[str]:
         path = f"{self.path}/{folder}"
         self.fs.invalidate_cache(path)
-        if not self.fs.exists(path):
-            return []
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
+        names = (
+            [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
+            if self.fs.exists(path)
+            else []
+        )
+        self.fs.invalidate_cache(path)  # tasks in other processes write here: keep no listing of it
+        return names
 
     def committed_ids(self) -> set[str]:
         """The committed shards (one listing of ``_commits/``)."""
