@@ -326,10 +326,12 @@ def per_shard_calls(root: Path, encode: Any, score: Any) -> dict[str, int]:
     read, stage, commit. Each call is about one request of an object store (a move is two: copy, delete)."""
     import numpy as np
 
-    from pipelines.core.by_shard import LAYOUT  # noqa: F401  (the layouts counted here)
+    from pipelines.core.by_shard import (
+        LAYOUT,  # noqa: F401  (the layouts counted here)
+        MergeParts,
+    )
     from pipelines.core.commits import CommitStore, commit_shard
     from pipelines.core.completion import ShardTracker
-    from pipelines.core.sink import MergeParts
     from pipelines.core.sources import SourceConfig, list_shards
     from pipelines.encode.pipeline import _files, encode_plan, preprocessing_spec, read_config
     from pipelines.encode.writer import WriteConfig, fingerprint_metadata
@@ -362,7 +364,7 @@ def per_shard_calls(root: Path, encode: Any, score: Any) -> dict[str, int]:
     stage = _stage_config(score)
     with counting() as record:
         (summary,) = ShardTracker().add(score_plan(score).run_local(row))
-        commit_shard(stage.store, summary["shard_id"], summary, MergeParts(stage.schema, stage.metadata))
+        commit_shard(stage.store, summary["shard_id"], summary, MergeParts(stage.file_schema))
     calls["score"] = record.n
     task = ShardFilterConfig(scores_root=str(root / "scores"), storage_options={},
                              rules=(Rule(field="width", op=">=", value=64),), store=CommitStore(str(out / "kept")))  # fmt: skip

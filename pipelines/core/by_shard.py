@@ -8,8 +8,8 @@ file: no scan, no listing. Outputs from before this layout (a single ``kept_keys
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.core.commits import CommitStore
+from pipelines.core.commits import STAGING, CommitStore, Committer
 from pipelines.core.notice import notice
 from pipelines.core.sources import shard_id
 from pipelines.core.storage import table_bytes
@@ -91,11 +91,29 @@ def legacy_files(root: str, storage_options: dict[str, Any], field: str) -> tupl
     return fs, files
 
 
+@dataclass(frozen=True)
+class MergeParts:
+    """Commit-task hook: a shard's staged parts → ``parquet/<shard>.parquet``, sorted by key, with ``schema``'s
+    columns and metadata (an empty file when the shard has no parts)."""
+
+    schema: pa.Schema
+
+    def __call__(self, store: CommitStore, shard: str, record: dict[str, Any]) -> dict[str, Any]:
+        staging = f"{store.path}/{STAGING}/{shard}"
+        tables = [pq.read_table(store.fs.open(f"{staging}/{p['path']}", "rb")) for p in record["parts"]]
+        table = pa.concat_tables(tables) if tables else self.schema.empty_table()
+        table = sorted_by_key(table.select(self.schema.names)).replace_schema_metadata(self.schema.metadata)
+        store.stage(shard, shard_file(shard), table_bytes(table))
+        files = [{"path": shard_file(shard), "rows": table.num_rows}]
+        return {k: v for k, v in record.items() if k != "parts"} | {"files": files}
+
+
 def partition_by_shard(
     root: str, storage_options: dict[str, Any], dest: CommitStore, *, field: str, schema_id: str | None = None
 ) -> dict[str, Any]:
-    """Split an older table set by its ``source`` column into ``dest/<shard>.parquet`` (one Ray job)."""
-    import ray.data
+    """Split an older table set by its ``source`` column into ``dest/parquet/<shard>.parquet``, as a Ray job:
+    one task per input file stages its rows per shard, then one commit task per shard merges them."""
+    import ray
 
     fs, files = legacy_files(root, storage_options, field)
     schema = pq.read_schema(fs.open(files[0], "rb"))
@@ -108,35 +126,35 @@ def partition_by_shard(
     notice(f"{field}={root!r} is in the layout from before per-shard outputs: partitioning it by shard once, "
            f"as a Ray job, into {dest.root}")  # fmt: skip
     dest.wipe()
-    ds = ray.data.read_parquet(files, filesystem=_arrow_fs(fs)).map_batches(
-        _with_shard, batch_format="pyarrow", zero_copy_batch=True
-    )
-    write = functools.partial(_write_group, dest, schema.metadata or {})
-    written = ds.groupby("_shard").map_groups(write, batch_format="pyarrow").take_all()
-    shards = {r["shard_id"]: {"shard_id": r["shard_id"], "files": [{"path": shard_file(r["shard_id"]),
-                                                                      "rows": int(r["rows"])}]}
-              for r in written}  # fmt: skip
+    split = ray.remote(num_cpus=0.5)(_split_file)
+    uris = [fs.unstrip_protocol(f) for f in files]
+    parts: dict[str, list[dict[str, Any]]] = {}
+    for found in ray.get([split.remote(uri, storage_options, dest, i) for i, uri in enumerate(uris)]):
+        for shard, part in found:
+            parts.setdefault(shard, []).append(part)
+    committer = Committer(dest, MergeParts(schema))
+    for shard, staged in sorted(parts.items()):
+        committer.submit(
+            shard, {"shard_id": shard, "parts": staged, "n_rows": sum(p["rows"] for p in staged)}
+        )
+    shards = committer.wait()
     manifest = {"layout": LAYOUT, "source": root, "schema": (schema.metadata or {}).get(b"cascade.schema", b"").decode(),
-                "n_rows": sum(int(r["rows"]) for r in written), "shards": shards}  # fmt: skip
+                "n_rows": sum(r["n_rows"] for r in shards.values()), "shards": shards}  # fmt: skip
     dest.write_json(MANIFEST, manifest)
     return manifest
 
 
-def _arrow_fs(fs: Any) -> Any:
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return PyFileSystem(FSSpecHandler(fs))
-
-
-def _with_shard(table: pa.Table) -> pa.Table:
-    ids = [shard_id(s) for s in table[SOURCE].to_pylist()]
-    return table.append_column("_shard", pa.array(ids, pa.string()))
-
-
-def _write_group(dest: CommitStore, metadata: dict[bytes, bytes], group: pa.Table) -> pa.Table:
-    """One shard's rows → ``parquet/<shard>.parquet``, committed at once (the group is the whole shard)."""
-    shard = group["_shard"][0].as_py()
-    table = sorted_by_key(group.drop_columns(["_shard"])).replace_schema_metadata(metadata)
-    dest.stage(shard, shard_file(shard), table_bytes(table))
-    dest.commit(shard, {"shard_id": shard, "files": [{"path": shard_file(shard), "rows": table.num_rows}]})
-    return pa.table({"shard_id": [shard], "rows": [table.num_rows]})
+def _split_file(
+    uri: str, storage_options: dict[str, Any], dest: CommitStore, index: int
+) -> list[tuple[str, dict]]:
+    """Task body: stage one older file's rows per shard (``_parts/<index>.parquet``); returns the parts."""
+    with fsspec.open(uri, "rb", **storage_options) as f:
+        table = pq.read_table(f)
+    shards = pa.array([shard_id(s) for s in table[SOURCE].to_pylist()], pa.string())
+    found = []
+    for shard in sorted(set(shards.to_pylist())):
+        rows = table.filter(pc.equal(shards, shard))
+        relpath = f"_parts/{index:06d}.parquet"
+        dest.stage(shard, relpath, table_bytes(rows))
+        found.append((shard, {"path": relpath, "rows": rows.num_rows}))
+    return found

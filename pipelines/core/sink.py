@@ -4,8 +4,8 @@
 (``_staging/<shard>/_parts/<hash>.parquet``, the record schema's columns and metadata) and the rejected ones a
 staged rejects part; it returns one summary row per shard (``pipelines.core.completion``). The part name
 hashes the batch's keys, so a retried task rewrites the same file. When the driver sees a shard complete,
-``MergeParts`` (run by the commit task) merges its parts into ``parquet/<shard>.parquet``, sorted by key: the same
-bytes whatever the batch sizes were.
+``pipelines.core.by_shard.MergeParts`` (run by the commit task) merges its parts into
+``parquet/<shard>.parquet``, sorted by key: the same bytes whatever the batch sizes were.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipelines.core.by_shard import shard_file, sorted_by_key
-from pipelines.core.commits import STAGING, CommitStore
+from pipelines.core.commits import CommitStore
 from pipelines.core.completion import SHARD_ID, SUMMARY_COLUMNS, ShardSummary, is_marker
 from pipelines.core.step import Batch, Step, healthy
 from pipelines.core.storage import table_bytes
@@ -55,6 +53,11 @@ class StageConfig:
     @property
     def columns(self) -> tuple[str, ...]:
         return tuple(self.schema.arrow.names)
+
+    @property
+    def file_schema(self) -> pa.Schema:
+        """The Arrow schema of the written files, metadata included."""
+        return attach_metadata(self.schema.arrow.empty_table(), self.schema, self.metadata).schema
 
     @property
     def store(self) -> CommitStore:
@@ -130,22 +133,3 @@ class StageRows(Step):
                 summary.count(shard, n_written=len(ok))
             stage_rejects(store, summary, shard, batch, bad)
         return summary.batch()
-
-
-@dataclass(frozen=True)
-class MergeParts:
-    """Commit-task hook: a shard's staged parts → ``parquet/<shard>.parquet``, sorted by key (empty if none)."""
-
-    schema: RecordSchema
-    metadata: FileMetadata
-
-    def __call__(self, store: CommitStore, shard: str, record: dict[str, Any]) -> dict[str, Any]:
-        staging = f"{store.path}/{STAGING}/{shard}"
-        tables = [pq.read_table(store.fs.open(f"{staging}/{p['path']}", "rb")) for p in record["parts"]]
-        table = pa.concat_tables(tables) if tables else self.schema.arrow.empty_table()
-        table = attach_metadata(
-            sorted_by_key(table.select(self.schema.arrow.names)), self.schema, self.metadata
-        )
-        store.stage(shard, shard_file(shard), table_bytes(table))
-        files = [{"path": shard_file(shard), "rows": table.num_rows}]
-        return {k: v for k, v in record.items() if k != "parts"} | {"files": files}

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.core.by_shard import LAYOUT
+from pipelines.core.by_shard import LAYOUT, MergeParts
 from pipelines.core.commits import Committer, JobOutput
 from pipelines.core.completion import SHARD_ID, closed, run_and_commit
 from pipelines.core.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb, to_float_chw
 from pipelines.core.plan import Plan, PlannedStep
-from pipelines.core.sink import MergeParts, StageConfig, StageRows
+from pipelines.core.sink import StageConfig, StageRows
 from pipelines.core.sources import (
     READ_COLUMNS,
     SourceConfig,
@@ -262,7 +262,7 @@ def run_score(config: ScoreConfig) -> ScoreSummary:
     stage = _stage_config(config)
     output = JobOutput(stage.store, fingerprint(config), config.on_stale)
     todo = set(output.start(shards))
-    committer = Committer(stage.store, MergeParts(stage.schema, stage.metadata))
+    committer = Committer(stage.store, MergeParts(stage.file_schema))
     new = run_and_commit(plan, [s for i, s in shards.items() if i in todo], committer)
     manifest = output.finish(new, shards, schema=stage.metadata.schema_id, layout=LAYOUT,
                              shards_path=config.shards.path)  # fmt: skip

@@ -11,6 +11,7 @@ import sys
 def main(shards: str, output: str, batch: int = 3) -> None:
     import ray
 
+    from pipelines.core.preprocess import PreprocessConfig
     from pipelines.core.sources import SourceConfig
     from pipelines.core.step import Resources
     from pipelines.encode.models import EncoderConfig
@@ -24,6 +25,7 @@ def main(shards: str, output: str, batch: int = 3) -> None:
         effnet=EncoderConfig(flavor="effnet/tiny"),
         clip_text=EncoderConfig(flavor="clip_text/tiny"),
         clip_image=EncoderConfig(flavor="clip_vision/tiny"),
+        preprocess=PreprocessConfig(image_size_px=256),
         # 3: one shard (3 samples) per batch all the way down, so shards commit one after the other
         preprocess_resources=Resources(num_cpus=0.5, batch_size=batch),
         effnet_resources=Resources(num_cpus=0.25, batch_size=batch),

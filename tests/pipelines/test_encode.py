@@ -217,7 +217,9 @@ def test_sigkill_driver_then_resubmit_gives_the_uninterrupted_output(ray_local, 
     run_ingest(IngestConfig(source=SourceConfig(kind="webdataset", path=str(tmp_path / "src")),
                             output_dir=str(tmp_path / "shards")))  # fmt: skip
     reference = tmp_path / "reference"
-    run_encode(_config(tmp_path / "shards", reference))
+    run_encode(
+        _config(tmp_path / "shards", reference, preprocess=PreprocessConfig(image_size_px=256))
+    )  # as encode_job
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "tests.pipelines.encode_job", str(tmp_path / "shards"), str(out)]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
