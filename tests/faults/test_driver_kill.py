@@ -1,6 +1,6 @@
 """Driver killed mid-job (SIGKILL of the ``cascade`` process group and its local Ray), then the job again with
-other batch sizes and concurrency: the output holds every key exactly once, as an uninterrupted run's does; a
-third run finds everything committed and changes nothing. Encode has its own test
+other batch sizes and concurrency: the output holds every key exactly once, as an uninterrupted run's does (a
+rerun of a finished job changes nothing: tests/pipelines/test_scale.py). Encode has its own test
 (tests/pipelines/test_encode.py); training resumes exactly (tests/jobs/test_train.py); the report is one commit
 unit (tests/pipelines/test_report.py)."""
 
@@ -21,7 +21,7 @@ from tests.conftest import REPO_ROOT
 from tests.pipelines.photos import photo_shards
 from tests.processes import kill_marked_processes
 
-N_SHARDS = 48
+N_SHARDS = 24
 
 
 def cascade(job: str, *sets: str) -> list[str]:
@@ -86,9 +86,6 @@ def test_ingest_then_score_killed_and_rerun_write_every_key_once(source, tmp_pat
     scored = keys(scores, "parquet/*.parquet")
     assert len(scored) == len(set(scored)), "a key was scored twice"
     assert set(scored) == expected
-    before = {p.name: p.stat().st_mtime_ns for p in scores.glob("parquet/*.parquet")}
-    rerun(score)  # everything committed: nothing redone, nothing added
-    assert {p.name: p.stat().st_mtime_ns for p in scores.glob("parquet/*.parquet")} == before
     kept = tmp_path / "kept"
     rules = "rules=[{field: key, op: 'not in', value: [s0_chelsea, s1_rocket]}]"
     run_filter = cascade(

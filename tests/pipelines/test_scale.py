@@ -59,10 +59,9 @@ def _encode_config(root) -> EncodeConfig:
     )  # fmt: skip
 
 
-def _chain(root) -> dict[str, int]:
-    """Run every job over ``root/src``; returns each job's driver storage calls."""
+def _jobs(root) -> dict:
     shards = SourceConfig(kind="webdataset", path=str(root / "shards"))
-    jobs = {
+    return {
         "ingest": lambda: run_ingest(IngestConfig(source=SourceConfig(kind="webdataset", path=str(root / "src")),
                                                   output_dir=str(root / "shards"))),
         "score": lambda: run_score(ScoreConfig(shards=shards, output_dir=str(root / "scores"),
@@ -73,8 +72,12 @@ def _chain(root) -> dict[str, int]:
         "export": lambda: run_export(ExportConfig(latents=str(root / "latents"), output_dir=str(root / "export"))),
         "train_cache": lambda: open_cache(TrainDataConfig(path=str(root / "latents"))),
     }  # fmt: skip
+
+
+def _chain(root) -> dict[str, int]:
+    """Run every job over ``root/src``; returns each job's driver storage calls."""
     calls = {}
-    for name, run in jobs.items():
+    for name, run in _jobs(root).items():
         with counting() as record:
             run()
         calls[name] = record.n
@@ -130,6 +133,24 @@ def test_an_encode_read_task_opens_only_its_own_shards_files(chains) -> None:
     opened = {p.removeprefix(str(root) + "/") for p in record.paths("_open")}
     assert opened == {"shards/00007.tar", "kept/parquet/00007.parquet", "scores/parquet/00007.parquet"}
     assert not {"ls", "find", "glob", "walk"} & set(record.by_method())  # nothing listed
+
+
+def test_a_rerun_of_finished_jobs_rewrites_nothing(chains) -> None:
+    """Every shard is committed: each job's rerun skips them all. Only the job-level summaries are written again,
+    with the same bytes (the manifests too, but they carry the run's times)."""
+    root, _ = chains[min(SIZES)]
+    written = [p for p in root.rglob("*") if p.is_file() and "src" not in p.relative_to(root).parts]
+    manifests, summaries = (
+        {"manifest.json", "export_manifest.json"},
+        {"filter_report.json", "empty_caption.safetensors"},
+    )
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in written if p.name not in manifests}
+    for name, run in _jobs(root).items():
+        if name != "train_cache":
+            run()
+    for path, (mtime, data) in before.items():
+        assert path.read_bytes() == data, path
+        assert path.name in summaries or path.stat().st_mtime_ns == mtime, f"{path} was written again"
 
 
 # --- outputs from before per-shard layouts ---------------------------------------------------------------------
