@@ -321,9 +321,10 @@ def run_e2e(n_samples: int, root: Path, per_shard: int = 100, calls: bool = Fals
     return result
 
 
-def per_shard_calls(root: Path, encode: Any, score: Any) -> dict[str, int]:
+def per_shard_calls(root: Path, encode: Any, score: Any) -> dict[str, Any]:
     """Storage calls of one 100-sample shard's work in each job (what its Ray tasks do), counted without Ray:
-    read, stage, commit. Each call is about one request of an object store (a move is two: copy, delete)."""
+    read, stage, commit; by method, and the files the shard left in the output. Each call is about one request
+    of an object store (a move is two: copy, delete)."""
     import numpy as np
 
     from pipelines.core.by_shard import (
@@ -347,15 +348,20 @@ def per_shard_calls(root: Path, encode: Any, score: Any) -> dict[str, int]:
     from pipelines.score.pipeline import _stage_config, score_plan
     from tests.storage_calls import counting
 
-    calls: dict[str, int] = {}
+    calls: dict[str, Any] = {}
     out = root / "calls"
+
+    def count(job: str, record: Any, folder: str) -> None:
+        done = [p for p in (out / folder).rglob("*") if p.is_file() and "_staging" not in p.parts]
+        calls[job] = {"calls": record.n, "by_method": dict(record.by_method()), "files": len(done)}
+
     src = list_shards(SourceConfig(kind="webdataset", path=str(root / "src")))[0]
     ingest = IngestConfig(
         source=SourceConfig(kind="webdataset", path=str(root / "src")), output_dir=str(out / "shards")
     )
     with counting() as record:
         IngestShard(ingest)({"shard_index": np.asarray([0]), "uris": np.asarray([src["uris"]], dtype=object)})
-    calls["ingest"] = record.n
+    count("ingest", record, "shards")
     shard = list_shards(encode.shards)[0]
     row = {"shard_index": np.asarray([0]), "uris": np.asarray([shard["uris"]], dtype=object)}
     import dataclasses
@@ -365,12 +371,12 @@ def per_shard_calls(root: Path, encode: Any, score: Any) -> dict[str, int]:
     with counting() as record:
         (summary,) = ShardTracker().add(score_plan(score).run_local(row))
         commit_shard(stage.store, summary["shard_id"], summary, MergeParts(stage.file_schema))
-    calls["score"] = record.n
+    count("score", record, "scores")
     task = ShardFilterConfig(scores_root=str(root / "scores"), storage_options={},
                              rules=(Rule(field="width", op=">=", value=64),), store=CommitStore(str(out / "kept")))  # fmt: skip
     with counting() as record:
         FilterShards(task)({"shard_id": np.asarray(["00000"], dtype=object)})
-    calls["filter"] = record.n
+    count("filter", record, "kept")
     encode = dataclasses.replace(encode, output_dir=str(out / "latents"))
     metadata = fingerprint_metadata(encode.encoders(), preprocessing_spec(encode))
     write = WriteConfig(output_dir=encode.output_dir, metadata=metadata, formats=encode.formats)
@@ -378,7 +384,7 @@ def per_shard_calls(root: Path, encode: Any, score: Any) -> dict[str, int]:
     with counting() as record:
         (summary,) = ShardTracker().add(plan.run_local(row))
         commit_shard(write.store, summary["shard_id"], _files(summary))
-    calls["encode"] = record.n
+    count("encode", record, "latents")
     export = ExportConfig(latents=str(root / "latents"), output_dir=str(out / "export"))
     planned = plan_export(export)
     models = {b: model_metadata(m, export, planned.cache, b, None) for b, m in planned.metas.items()}
@@ -388,7 +394,7 @@ def per_shard_calls(root: Path, encode: Any, score: Any) -> dict[str, int]:
     files = json.dumps([dataclasses.astuple(f) for f in planned.units[unit]])
     with counting() as record:
         step({"shard_id": np.asarray([unit], dtype=object), "files": np.asarray([files], dtype=object)})
-    calls["export"] = record.n
+    count("export", record, "export")
     return calls
 
 

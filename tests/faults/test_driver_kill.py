@@ -21,7 +21,7 @@ from tests.conftest import REPO_ROOT
 from tests.pipelines.photos import photo_shards
 from tests.processes import kill_marked_processes
 
-N_SHARDS = 24
+N_SHARDS = 12
 
 
 def cascade(job: str, *sets: str) -> list[str]:

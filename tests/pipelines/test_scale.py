@@ -1,7 +1,7 @@
 """Cost that grows with the data, never with shards × rows: drivers make a bounded number of storage calls per
 shard, and a shard's read task opens only that shard's files.
 
-The whole chain (ingest → score → filter → encode → export → training cache) runs at 3 and at 12 shards of
+The whole chain (ingest → score → filter → encode → export → training cache) runs at 2 and at 8 shards of
 real (small) photos on the session's Ray; ``tests.storage_calls`` counts the driver's calls (Ray workers are
 other processes).
 """
@@ -18,6 +18,7 @@ from PIL import Image
 from pipelines.core.preprocess import PreprocessConfig
 from pipelines.core.shards import members_tar_bytes
 from pipelines.core.sources import SourceConfig, list_shards
+from pipelines.core.step import Resources
 from pipelines.encode.models import EncoderConfig
 from pipelines.encode.pipeline import EncodeConfig, read_config, run_encode
 from pipelines.encode.steps import EncodeRead
@@ -29,7 +30,7 @@ from pipelines.train_data.batches import TrainDataConfig, open_cache
 from tests.pipelines.photos import PHOTOS, captions, jpeg
 from tests.storage_calls import counting
 
-SIZES = (3, 12)
+SIZES = (2, 8)
 PER_SHARD = 2  # samples per shard: one kept, one dropped by the filter
 
 
@@ -50,26 +51,36 @@ def _source(root, n_shards: int) -> None:
         (root / f"{s:05d}.tar").write_bytes(members_tar_bytes(members))
 
 
-def _encode_config(root) -> EncodeConfig:
+def _encode_config(root, **resources) -> EncodeConfig:
     return EncodeConfig(
         shards=SourceConfig(kind="webdataset", path=str(root / "shards")), output_dir=str(root / "latents"),
         kept_keys=str(root / "kept"), scores_dir=str(root / "scores"), formats=("parquet",),
         preprocess=PreprocessConfig(image_size_px=256), effnet=EncoderConfig(flavor="effnet/tiny"),
         clip_text=EncoderConfig(flavor="clip_text/tiny"), clip_image=EncoderConfig(flavor="clip_vision/tiny"),
+        **resources,
     )  # fmt: skip
 
 
-def _jobs(root) -> dict:
+def _jobs(root, other: bool = False) -> dict:
+    """Every job over ``root/src``; ``other``: with other batch sizes and concurrency than the defaults."""
     shards = SourceConfig(kind="webdataset", path=str(root / "shards"))
+
+    def change(**resources: Resources) -> dict[str, Resources]:
+        return resources if other else {}
+
+    tasks = change(resources=Resources(num_cpus=0.5, batch_size=1, concurrency=3))
     return {
         "ingest": lambda: run_ingest(IngestConfig(source=SourceConfig(kind="webdataset", path=str(root / "src")),
-                                                  output_dir=str(root / "shards"))),
+                                                  output_dir=str(root / "shards"), **tasks)),
         "score": lambda: run_score(ScoreConfig(shards=shards, output_dir=str(root / "scores"),
-                                               scorer=ScorerConfig(flavor="clip_score/tiny"))),
+                                               scorer=ScorerConfig(flavor="clip_score/tiny"),
+                                               **change(score_resources=Resources(batch_size=1),
+                                                        write_resources=Resources(batch_size=3)))),
         "filter": lambda: run_filter(FilterConfig(scores_dir=str(root / "scores"), output_dir=str(root / "kept"),
-                                                  rules=(Rule(field="width", op=">=", value=64),))),
-        "encode": lambda: run_encode(_encode_config(root)),
-        "export": lambda: run_export(ExportConfig(latents=str(root / "latents"), output_dir=str(root / "export"))),
+                                                  rules=(Rule(field="width", op=">=", value=64),), **tasks)),
+        "encode": lambda: run_encode(_encode_config(root, **change(write_resources=Resources(batch_size=1)))),
+        "export": lambda: run_export(ExportConfig(latents=str(root / "latents"), output_dir=str(root / "export"),
+                                                  **tasks)),
         "train_cache": lambda: open_cache(TrainDataConfig(path=str(root / "latents"))),
     }  # fmt: skip
 
@@ -136,7 +147,7 @@ def test_an_encode_read_task_opens_only_its_own_shards_files(chains) -> None:
 
 
 def test_a_rerun_of_finished_jobs_rewrites_nothing(chains) -> None:
-    """Every shard is committed: each job's rerun skips them all. Only the job-level summaries are written again,
+    """Every shard is committed: each job's rerun, with other batch sizes and concurrency, skips them all. Only the job-level summaries are written again,
     with the same bytes (the manifests too, but they carry the run's times)."""
     root, _ = chains[min(SIZES)]
     written = [p for p in root.rglob("*") if p.is_file() and "src" not in p.relative_to(root).parts]
@@ -145,7 +156,7 @@ def test_a_rerun_of_finished_jobs_rewrites_nothing(chains) -> None:
         {"filter_report.json", "empty_caption.safetensors"},
     )
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in written if p.name not in manifests}
-    for name, run in _jobs(root).items():
+    for name, run in _jobs(root, other=True).items():
         if name != "train_cache":
             run()
     for path, (mtime, data) in before.items():
