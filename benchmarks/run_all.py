@@ -141,6 +141,11 @@ def scale_rows(scale: dict) -> list[dict]:
              else "cache opened from its manifest")
         for job, value in (ratios.get("driver_per_shard_largest_over_smallest") or {}).items()
     ]  # fmt: skip
+    rows += [
+        _row(f"one more shard's driver time, at {sizes[1]} / at {sizes[0]} shards ({job})", value, "report", None,
+             "(t(N) − t(N')) / (N − N') between the two largest sizes over the two smallest: start-up excluded")
+        for job, value in (ratios.get("driver_marginal_per_shard_largest_over_smallest") or {}).items()
+    ]  # fmt: skip
     rows.append(_row(f"join per shard, {sizes[1]} / {sizes[0]} shards", ratios.get("join_per_shard_largest_over_smallest"),
                      "≤ 1.5", lambda v: v <= 1.5, "kept keys + stored CLIP-L embeddings, opened by name"))  # fmt: skip
     rows.append(_row(f"driver peak RSS at {sizes[1]} shards (MiB)", ratios.get("driver_peak_rss_mib_largest"),

@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py --out benchmarks/results/scale.json [--shards 100 1000 10000] [--keys 1000]
                                [--e2e 1000 10000] [--quick]
+    python benchmarks/scale.py --merge driver.json e2e.json --out scale.json   # runs made apart, combined
 
 Three measurements, each at every size in a process of its own (so each driver's peak RSS is its own):
 
@@ -420,6 +421,13 @@ def summarize(sizes: list[dict], e2e: list[dict]) -> dict[str, Any]:
             job: last["driver_s_per_shard"][job] / first["driver_s_per_shard"][job]
             for job in first["driver_s"]
         }
+        if len(ok) >= 3:  # the cost of one more shard, between the two largest sizes over the two smallest
+            (a, b), (y, z) = ok[:2], ok[-2:]
+            ratios["driver_marginal_per_shard_largest_over_smallest"] = {
+                job: ((z["driver_s"][job] - y["driver_s"][job]) / (z["n_shards"] - y["n_shards"]))
+                / ((b["driver_s"][job] - a["driver_s"][job]) / (b["n_shards"] - a["n_shards"]))
+                for job in first["driver_s"]
+            }
         ratios["join_per_shard_largest_over_smallest"] = last["join_s_per_shard"] / first["join_s_per_shard"]
         ratios["driver_peak_rss_mib_largest"] = last["driver_peak_rss_mib"]
         ratios["sizes"] = [first["n_shards"], last["n_shards"]]
@@ -442,7 +450,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, help=argparse.SUPPRESS)  # child: one end-to-end size
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--calls", action="store_true", help=argparse.SUPPRESS)  # child: one shard's calls
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="combine earlier runs' JSON (e.g. the driver sizes and the end-to-end sizes run apart)")  # fmt: skip
     args = parser.parse_args()
+    if args.merge:
+        runs = [json.loads(Path(p).read_text()) for p in args.merge]
+        sizes = sorted({s["n_shards"]: s for r in runs for s in r["sizes"] if "n_shards" in s}.values(),
+                       key=lambda s: s["n_shards"])  # fmt: skip
+        e2e = sorted({e["n_samples"]: e for r in runs for e in r["e2e"] if "n_samples" in e}.values(),
+                     key=lambda e: e["n_samples"])  # fmt: skip
+        result = {"sizes": sizes, "e2e": e2e, "ratios": summarize(sizes, e2e), "cpu_count": os.cpu_count()}
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(json.dumps(result["ratios"], indent=2))
+        return
     if args.size or args.samples:
         if args.size:
             result = run_size(args.size, args.keys, Path(args.root))

@@ -67,16 +67,24 @@ def test_scale_ratios_compare_the_largest_size_with_the_smallest_and_flag_their_
         {"n_shards": 100, "driver_s": {"filter": 2.0}, "driver_s_per_shard": {"filter": 0.02},
          "join_s_per_shard": 0.002, "driver_peak_rss_mib": 900.0},
         {"error": "exit 1"},  # a size that failed is left out
+        {"n_shards": 1000, "driver_s": {"filter": 30.0}, "driver_s_per_shard": {"filter": 0.03},
+         "join_s_per_shard": 0.002, "driver_peak_rss_mib": 1000.0},
         {"n_shards": 10000, "driver_s": {"filter": 400.0}, "driver_s_per_shard": {"filter": 0.04},
          "join_s_per_shard": 0.0021, "driver_peak_rss_mib": 1200.0},
     ]  # fmt: skip
     e2e = [{"n_samples": 1000, "s_per_sample": 0.1}, {"n_samples": 10000, "s_per_sample": 0.11}]
     ratios = scale.summarize(sizes, e2e)
     assert ratios["driver_per_shard_largest_over_smallest"] == {"filter": pytest.approx(2.0)}
+    # one more shard: (400 - 30) / 9000 s at 10⁴ over (30 - 2) / 900 s at 10²–10³ (start-up cancels)
+    assert ratios["driver_marginal_per_shard_largest_over_smallest"] == {
+        "filter": pytest.approx(370 / 9000 / (28 / 900))
+    }
     assert ratios["join_per_shard_largest_over_smallest"] == pytest.approx(1.05)
     assert ratios["e2e_s_per_sample_largest_over_smallest"] == pytest.approx(1.1)
     rows = {r["ratio"]: r for r in run_all.scale_rows({"ratios": ratios, "e2e": e2e})}
     assert rows["driver time per shard, 10000 / 100 shards (filter)"]["met"] is False  # 2.0 > 1.5
+    marginal = rows["one more shard's driver time, at 10000 / at 100 shards (filter)"]
+    assert marginal["value"] == pytest.approx(1.3214, rel=1e-4) and marginal["met"] is None
     assert rows["join per shard, 10000 / 100 shards"]["met"] is True
     assert rows["driver peak RSS at 10000 shards (MiB)"]["met"] is True
     assert rows["end to end per sample, largest / smallest run"]["met"] is True
