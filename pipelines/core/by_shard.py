@@ -151,10 +151,12 @@ def _split_file(
     with fsspec.open(uri, "rb", **storage_options) as f:
         table = pq.read_table(f)
     shards = pa.array([shard_id(s) for s in table[SOURCE].to_pylist()], pa.string())
-    found = []
-    for shard in sorted(set(shards.to_pylist())):
-        rows = table.filter(pc.equal(shards, shard))
-        relpath = f"_parts/{index:06d}.parquet"
-        dest.stage(shard, relpath, table_bytes(rows))
-        found.append((shard, {"path": relpath, "rows": rows.num_rows}))
+    order = pc.sort_indices(shards)  # one sort, then each shard's rows are one slice (not a filter per shard)
+    table, shards = table.take(order), shards.take(order)
+    found, offset, relpath = [], 0, f"_parts/{index:06d}.parquet"
+    for run in pc.value_counts(shards).to_pylist():  # in order of first appearance: sorted
+        shard, n = run["values"], run["counts"]
+        dest.stage(shard, relpath, table_bytes(table.slice(offset, n)))
+        found.append((shard, {"path": relpath, "rows": n}))
+        offset += n
     return found

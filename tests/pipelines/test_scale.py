@@ -147,8 +147,8 @@ def test_an_encode_read_task_opens_only_its_own_shards_files(chains) -> None:
 
 
 def test_a_rerun_of_finished_jobs_rewrites_nothing(chains) -> None:
-    """Every shard is committed: each job's rerun, with other batch sizes and concurrency, skips them all. Only the job-level summaries are written again,
-    with the same bytes (the manifests too, but they carry the run's times)."""
+    """Every shard is committed: each job's rerun, with other batch sizes and concurrency, skips them all. Only
+    the job-level summaries are written again, with the same bytes (the manifests too, but they carry times)."""
     root, _ = chains[min(SIZES)]
     written = [p for p in root.rglob("*") if p.is_file() and "src" not in p.relative_to(root).parts]
     manifests, summaries = (
