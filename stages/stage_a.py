@@ -7,18 +7,32 @@ is described in ``reference/stable-cascade.md`` §1.4; diffusers' ``PaellaVQMode
 Latent convention: :meth:`StageA.encode` returns the *scaled* latent ``raw / scale_factor`` (what Stage B is
 trained on) and :meth:`StageA.decode` undoes that scaling before decoding. The ``*_unscaled`` methods work on the
 raw bottleneck output (what diffusers' ``PaellaVQModel.encode`` returns). The codebook is not used on either
-path; :meth:`StageA.quantize` exposes it for completeness.
+path; ``encode(images, quantize=True)`` (quantized and unquantized latents, indices, VQ loss, like the official
+``encode(x, quantize=True)``) and :meth:`StageA.quantize` expose it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, NamedTuple, overload
 
 import torch
 from torch import nn
 
-__all__ = ["FLAVORS", "ResBlockA", "StageA", "StageAConfig", "VectorQuantizer"]
+__all__ = [
+    "COMMITMENT_BETA",
+    "FLAVORS",
+    "ResBlockA",
+    "StageA",
+    "StageAConfig",
+    "StageAEncoding",
+    "VectorQuantizer",
+]
+
+#: β of the VQ commitment loss used by :meth:`StageA.encode` with ``quantize=True`` (VQ-VAE's and the official
+#: Stage A's value; the reference spec does not list it).
+COMMITMENT_BETA = 0.25
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,21 +115,72 @@ class ResBlockA(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """Minimal nearest-neighbour vector quantizer over the channel dim (straight-through gradients)."""
+    """Nearest-neighbour vector quantizer over the channel dim (VQ-VAE, van den Oord et al. 2017).
+
+    Each latent pixel snaps to the codebook row with the smallest squared distance
+    ``‖c‖² + ‖z‖² − 2·z·c`` (first index on ties). The quantized output has exactly the codebook values in the
+    forward pass and straight-through gradients to the input (none to the codebook; the codebook learns through
+    :meth:`loss`).
+    """
+
+    #: Latent pixels per distance block, bounding the ``rows × k`` distance matrix (4096 × 8192 float32 = 128 MiB).
+    CHUNK_ROWS = 4096
 
     def __init__(self, c: int, k: int) -> None:
         super().__init__()
         self.codebook = nn.Embedding(k, c)
 
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest codebook row for each row of ``flat`` (``N×c``), as ``N`` int64."""
+        with torch.no_grad():
+            codes = self.codebook.weight.to(flat.dtype)
+            codes_sqr = (codes * codes).sum(dim=1)
+            out = []
+            for rows in flat.split(self.CHUNK_ROWS):
+                base = codes_sqr + (rows * rows).sum(dim=1, keepdim=True)
+                out.append(torch.addmm(base, rows, codes.t(), beta=1.0, alpha=-2.0).argmin(dim=1))
+            return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=flat.device)
+
     def forward(self, z_bchw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(quantized_bchw, indices_bhw)``; each latent pixel snaps to its nearest codebook row."""
         b, c, h, w = z_bchw.shape
         flat = z_bchw.permute(0, 2, 3, 1).reshape(-1, c)
-        codes = self.codebook.weight.to(flat.dtype)
-        indices = torch.cdist(flat, codes).argmin(dim=1)
+        indices = self.nearest(flat)
+        codes = self.codebook.weight.detach().to(z_bchw.dtype)
         quantized = codes[indices].reshape(b, h, w, c).permute(0, 3, 1, 2)
-        quantized = z_bchw + (quantized - z_bchw).detach()
+        # q + (z − z): exactly q in the forward pass, identity gradient to z (straight-through estimator).
+        quantized = quantized + (z_bchw - z_bchw.detach())
         return quantized, indices.reshape(b, h, w)
+
+    def loss(
+        self, z_bchw: torch.Tensor, indices_bhw: torch.Tensor, beta: float = COMMITMENT_BETA
+    ) -> torch.Tensor:
+        """VQ-VAE loss ``‖sg[z] − e‖² + β·‖z − sg[e]‖²`` (means over all elements), e the chosen codebook rows.
+
+        The first (codebook) term trains the codebook, the second (commitment) term the encoder.
+        """
+        codes = self.codebook.weight.to(z_bchw.dtype)[indices_bhw].permute(0, 3, 1, 2)
+        codebook_loss = (codes - z_bchw.detach()).pow(2).mean()
+        commitment_loss = (z_bchw - codes.detach()).pow(2).mean()
+        return codebook_loss + beta * commitment_loss
+
+
+class StageAEncoding(NamedTuple):
+    """Result of ``StageA.encode(images, quantize=True)`` (the official ``encode(x, quantize=True)`` tuple).
+
+    Attributes:
+        latent: The *quantized* latent, scaled: ``quantized_raw / scale_factor``, ``B×c_latent×H/4×W/4``.
+        raw: The *unquantized* latent, scaled: ``encode_unscaled(images) / scale_factor`` (the same tensor as
+            ``encode(images)``). "raw" means "not quantized" here, not "unscaled".
+        indices: Codebook index of each latent pixel, ``B×H/4×W/4`` int64.
+        vq_loss: Scalar VQ loss ``codebook + β·commitment`` on the unscaled latent (see
+            :meth:`VectorQuantizer.loss`).
+    """
+
+    latent: torch.Tensor
+    raw: torch.Tensor
+    indices: torch.Tensor
+    vq_loss: torch.Tensor
 
 
 class StageA(nn.Module):
@@ -166,12 +231,42 @@ class StageA(nn.Module):
         """Decode a raw latent (as from :meth:`encode_unscaled`) to images (not clamped)."""
         return self.out_block(self.up_blocks(latents_raw_bchw))
 
-    def encode(self, images_bchw: torch.Tensor) -> torch.Tensor:
+    @overload
+    def encode(self, images_bchw: torch.Tensor, quantize: Literal[False] = False) -> torch.Tensor: ...
+
+    @overload
+    def encode(
+        self, images_bchw: torch.Tensor, quantize: Literal[True], *, commitment_beta: float = ...
+    ) -> StageAEncoding: ...
+
+    @overload
+    def encode(
+        self, images_bchw: torch.Tensor, quantize: bool, *, commitment_beta: float = ...
+    ) -> torch.Tensor | StageAEncoding: ...
+
+    def encode(
+        self, images_bchw: torch.Tensor, quantize: bool = False, *, commitment_beta: float = COMMITMENT_BETA
+    ) -> torch.Tensor | StageAEncoding:
         """Encode images in [0, 1] to the scaled latent ``raw / scale_factor`` (Stage B's target space).
 
-        Matches the official ``encode(x, quantize=False)[0]``.
+        With ``quantize=False`` (the default) this returns that tensor, i.e. the official
+        ``encode(x, quantize=False)[0]``. With ``quantize=True`` it returns a :class:`StageAEncoding`
+        ``(latent, raw, indices, vq_loss)``: the quantized latent / scale_factor, the unquantized latent /
+        scale_factor, the codebook indices and the VQ loss, like the official ``encode(x, quantize=True)``.
+
+        Args:
+            images_bchw: Images in [0, 1], NCHW, H and W multiples of 4.
+            quantize: Also snap the latent to the codebook.
+            commitment_beta: Weight β of the commitment term of the VQ loss. The reference spec does not state it;
+                0.25 (VQ-VAE's value, and the official Stage A's) is the default.
         """
-        return self.encode_unscaled(images_bchw) / self.config.scale_factor
+        raw = self.encode_unscaled(images_bchw)
+        scale = self.config.scale_factor
+        if not quantize:
+            return raw / scale
+        quantized, indices = self.vquantizer(raw)
+        vq_loss = self.vquantizer.loss(raw, indices, beta=commitment_beta)
+        return StageAEncoding(latent=quantized / scale, raw=raw / scale, indices=indices, vq_loss=vq_loss)
 
     def decode(self, latents_bchw: torch.Tensor) -> torch.Tensor:
         """Decode a scaled latent (as from :meth:`encode`): multiply by ``scale_factor``, no quantization."""

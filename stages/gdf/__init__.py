@@ -5,10 +5,10 @@ Pure torch; see `reference/stable-cascade.md` §2.
 
 from stages.gdf.gdf import GDF, Diffused, stage_gdf
 from stages.gdf.guidance import cfg_at, concat_inputs, guide, zeros_like_inputs
-from stages.gdf.loss_weights import AdaptiveLossWeight, LossWeight, P2LossWeight
+from stages.gdf.loss_weights import AdaptiveLossWeight, LossWeight, P2LossWeight, loss_shift_logsnr
 from stages.gdf.noise_conds import CosineTNoiseCond
 from stages.gdf.pyramid import pyramid_noise
-from stages.gdf.samplers import DDIMSampler, DDPMSampler
+from stages.gdf.samplers import DDIMSampler, DDPMSampler, LCMSampler, Sampler
 from stages.gdf.scalers import VPScaler
 from stages.gdf.schedules import CosineSchedule, cosine_t_from_logsnr, sample_t, shift_logsnr
 from stages.gdf.targets import EpsilonTarget, Target, VTarget, X0Target
@@ -22,8 +22,10 @@ __all__ = [
     "DDPMSampler",
     "Diffused",
     "EpsilonTarget",
+    "LCMSampler",
     "LossWeight",
     "P2LossWeight",
+    "Sampler",
     "Target",
     "VPScaler",
     "VTarget",
@@ -32,6 +34,7 @@ __all__ = [
     "concat_inputs",
     "cosine_t_from_logsnr",
     "guide",
+    "loss_shift_logsnr",
     "pyramid_noise",
     "sample_t",
     "shift_logsnr",

@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import torch
 
+#: Precisions a schedule / noise cond can compute in. float32 is what the official GDF uses (torch's default
+#: dtype); float64 is kept as an option for analysis.
+PRECISIONS = (torch.float32, torch.float64)
 
-def math_dtype(device: torch.device) -> torch.dtype:
-    """Dtype for schedule maths: float64 where the device supports it (MPS has no float64)."""
-    return torch.float32 if device.type == "mps" else torch.float64
+
+def check_precision(precision: torch.dtype) -> torch.dtype:
+    """Validate a schedule `precision` argument (float32 or float64)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be torch.float32 or torch.float64, got {precision!r}")
+    return precision
+
+
+def math_dtype(
+    device: torch.device, precision: torch.dtype = torch.float32, like: torch.dtype | None = None
+) -> torch.dtype:
+    """Dtype for schedule maths: `precision`, promoted to `like` if that is a wider floating dtype.
+
+    The promotion mirrors the official code, whose float32 constants are promoted when it is given a float64
+    input. MPS has no float64, so there the result is float32.
+    """
+    dtype = precision
+    if like is not None and like.is_floating_point:
+        dtype = torch.promote_types(dtype, like)
+    return torch.float32 if device.type == "mps" and dtype == torch.float64 else dtype
 
 
 def result_dtype(x: torch.Tensor) -> torch.dtype:

@@ -11,7 +11,7 @@ from stages.gdf._tensor import expand_as_batch, work_dtype
 from stages.gdf.guidance import CfgSpec, cfg_at, concat_inputs, guide, zeros_like_inputs
 from stages.gdf.loss_weights import AdaptiveLossWeight, LossWeight, P2LossWeight
 from stages.gdf.noise_conds import CosineTNoiseCond
-from stages.gdf.samplers import DDIMSampler, DDPMSampler
+from stages.gdf.samplers import DDPMSampler, Sampler
 from stages.gdf.scalers import VPScaler
 from stages.gdf.schedules import CosineSchedule
 from stages.gdf.targets import EpsilonTarget, Target
@@ -86,7 +86,8 @@ class GDF:
             epsilon: Noise like `x0`; drawn from N(0, I) if None (pass pyramid noise for Stage B).
             t: Times, a float or `[B]` tensor in [0, 1]; sampled per sample if None.
             shift: Schedule shift (see `CosineSchedule`).
-            loss_shift: Shift applied to logSNR before the loss weight only.
+            loss_shift: Loss-weight shift, λ + 2·ln(loss_shift) before the loss weight only (the official sign,
+                opposite to the schedule's `shift`).
             generator: RNG for all draws.
         """
         batch = x0.shape[0]
@@ -139,7 +140,7 @@ class GDF:
         model_inputs: Mapping[str, Any],
         shape: Sequence[int],
         unconditional_inputs: Mapping[str, Any] | None = None,
-        sampler: DDIMSampler | None = None,
+        sampler: Sampler | None = None,
         t_start: float = 1.0,
         t_end: float = 0.0,
         timesteps: int = 20,
@@ -164,7 +165,7 @@ class GDF:
             model_inputs: Conditional keyword inputs (batch-first tensors, lists such as `cnet`, flags).
             shape: Shape of the sample `[B, C, H, W]`.
             unconditional_inputs: Inputs for the unconditional branch; zeros_like(model_inputs) if None.
-            sampler: Reverse step; `DDPMSampler()` if None.
+            sampler: Reverse step (`DDPMSampler`, `DDIMSampler`, `LCMSampler`); `DDPMSampler()` if None.
             t_start, t_end: Time range (t_start < 1 with `x_init` is image-to-image).
             timesteps: Number of model calls.
             x_init: Starting x (e.g. `diffuse(x0, t=t_start).noised`); randn(shape) if None.
@@ -192,7 +193,7 @@ class GDF:
 
     def _step(
         self,
-        sampler: DDIMSampler,
+        sampler: Sampler,
         x: torch.Tensor,
         pred: torch.Tensor,
         logsnr: torch.Tensor,
@@ -246,17 +247,25 @@ class GDF:
         return guide(pred_cond, pred_uncond, scale, rho)
 
 
-def stage_gdf(adaptive: bool = False, offset_noise: float = 0.0) -> GDF:
+def stage_gdf(
+    adaptive: bool = False, offset_noise: float = 0.0, *, precision: torch.dtype = torch.float32
+) -> GDF:
     """The GDF used by every Stable Cascade trainer and sampler.
 
     Cosine schedule (s=0.008, ᾱ ∈ [1e-4, 0.9999]), VP scaler, ε target, CosineT noise cond, and the adaptive
     loss weight if `adaptive` else P2 (k=1, γ=1 → sigmoid(−λ)).
+
+    Args:
+        adaptive: Use `AdaptiveLossWeight` instead of `P2LossWeight`.
+        offset_noise: Std of the offset noise (ControlNet inpainting / SR configs use 0.1).
+        precision: Dtype of the schedule and noise-cond maths: float32 (default, bit-identical to the official
+            GDF) or float64.
     """
     return GDF(
-        schedule=CosineSchedule(s=0.008, clamp_range=(1e-4, 0.9999)),
+        schedule=CosineSchedule(s=0.008, clamp_range=(1e-4, 0.9999), precision=precision),
         input_scaler=VPScaler(),
         target=EpsilonTarget(),
-        noise_cond=CosineTNoiseCond(s=0.008, clamp_range=(0.0, 1.0)),
+        noise_cond=CosineTNoiseCond(s=0.008, clamp_range=(0.0, 1.0), precision=precision),
         loss_weight=AdaptiveLossWeight() if adaptive else P2LossWeight(),
         offset_noise=offset_noise,
     )

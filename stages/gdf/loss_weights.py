@@ -7,11 +7,25 @@ from typing import Any
 
 import torch
 
-from stages.gdf.schedules import shift_logsnr
+
+def loss_shift_logsnr(logsnr: torch.Tensor, shift: float) -> torch.Tensor:
+    """The loss weight's shift ("loss_shift"): λ + 2·ln(shift).
+
+    This is the official `BaseLossWeight.__call__(logSNR, shift)` convention, the *opposite* sign of the
+    schedule's shift (`schedules.shift_logsnr`, λ + 2·ln(1/shift)): a loss_shift > 1 moves λ towards higher SNR,
+    so P2 weighs every sample as if it were less noisy.
+    """
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    return logsnr if shift == 1 else logsnr + 2 * math.log(shift)
 
 
 class LossWeight:
-    """Base class: `__call__(logsnr, shift)` shifts λ by 2·ln(1/shift) ("loss_shift"), then weighs it."""
+    """Base class: `__call__(logsnr, shift)` shifts λ to λ + 2·ln(shift) ("loss_shift"), then weighs it.
+
+    Note the sign: the loss shift is the opposite of the schedule's shift (λ + 2·ln(1/shift)), as in the
+    official GDF (see `loss_shift_logsnr`).
+    """
 
     def weight(self, logsnr: torch.Tensor) -> torch.Tensor:
         """Weight of each (already shifted) logSNR."""
@@ -19,41 +33,42 @@ class LossWeight:
 
     @torch.no_grad()
     def __call__(self, logsnr: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
-        """Per-sample weights, same shape as `logsnr`."""
-        return self.weight(shift_logsnr(logsnr, shift))
+        """Per-sample weights of `logsnr` shifted by the loss shift (λ + 2·ln(shift)), same shape as `logsnr`."""
+        return self.weight(loss_shift_logsnr(logsnr, shift))
 
 
 class P2LossWeight(LossWeight):
-    """Perception-prioritised weight (Choi et al. 2022, "P2 weighting", eq. 8): w = (k + s·e^λ)^(−γ).
+    """Perception-prioritised weight (Choi et al. 2022, "P2 weighting", eq. 8): w = (k + e^(s·λ))^(−γ).
 
-    Computed as exp(−γ·logaddexp(ln k, ln s + λ)) for stability; the defaults give w = sigmoid(−λ).
+    As in the official GDF, `s` scales the logSNR (w = (k + SNR^s)^(−γ)); the defaults give
+    w = (1 + e^λ)^(−1) = sigmoid(−λ). Computed in λ's dtype with the official expression; e^(s·λ) overflowing
+    to +inf gives the correct limit 0 for γ > 0.
 
     Args:
         k: Offset k >= 0.
         gamma: Exponent γ.
-        s: Scale s > 0 of the SNR term.
+        s: Scale s of the logSNR.
     """
 
     def __init__(self, k: float = 1.0, gamma: float = 1.0, s: float = 1.0) -> None:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k!r}")
-        if s <= 0:
-            raise ValueError(f"s must be > 0, got {s!r}")
         self.k, self.gamma, self.s = float(k), float(gamma), float(s)
 
     def __repr__(self) -> str:
         return f"P2LossWeight(k={self.k}, gamma={self.gamma}, s={self.s})"
 
     def weight(self, logsnr: torch.Tensor) -> torch.Tensor:
-        log_k = torch.full_like(logsnr, math.log(self.k) if self.k > 0 else -math.inf)
-        return torch.exp(-self.gamma * torch.logaddexp(log_k, logsnr + math.log(self.s)))
+        return (self.k + (logsnr * self.s).exp()) ** -self.gamma
 
 
 class AdaptiveLossWeight(LossWeight):
     """Weight = 1 / (EMA of the raw loss in the sample's logSNR bucket), clamped to `weight_range`.
 
     Buckets: edges `linspace(*logsnr_range, buckets - 1)`, bucket index `searchsorted(edges, λ)`, so there are
-    `buckets` bins including the two open-ended ones. Losses start at 1 (weight 1).
+    `buckets` bins including the two open-ended ones. Losses start at 1 (weight 1). `__call__(λ, shift)` looks up
+    the bucket of the loss-shifted λ + 2·ln(shift); `update_buckets` takes the unshifted λ (as the official
+    trainers pass `GDF.diffuse`'s logSNR).
 
     Args:
         logsnr_range: (min, max) logSNR covered by the bucket edges.

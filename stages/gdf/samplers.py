@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class Sampler(Protocol):
+    """What `GDF.sample` needs of a sampler: one reverse step from scales (a, b) to (a_prev, b_prev)."""
+
+    def step(
+        self,
+        x: torch.Tensor,
+        x0: torch.Tensor,
+        eps: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        a_prev: torch.Tensor,
+        b_prev: torch.Tensor,
+        *,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor: ...
 
 
 class DDIMSampler:
@@ -72,3 +92,44 @@ class DDPMSampler(DDIMSampler):
 
     def __repr__(self) -> str:
         return "DDPMSampler()"
+
+
+class LCMSampler:
+    """Latent-consistency sampling (Luo et al. 2023, "LCM", Algorithm 1): x_prev = a_prev·x̂0 + b_prev·z.
+
+    The x̂0 prediction is re-noised to the next step's level with *fresh* noise z ~ N(0, I); ε̂ and x_t are not
+    used. As in the official GDF `LCMSampler`, every step re-noises, the last one included (with the clamped
+    cosine schedule the last target, t = 0, has b_prev ≈ 0.01); `GDF.sample` yields x̂0 alongside, which is what
+    callers keep.
+    """
+
+    def __repr__(self) -> str:
+        return "LCMSampler()"
+
+    def step(
+        self,
+        x: torch.Tensor,
+        x0: torch.Tensor,
+        eps: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        a_prev: torch.Tensor,
+        b_prev: torch.Tensor,
+        *,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Return x_prev = a_prev·x0 + b_prev·z (same arguments as `DDIMSampler.step`).
+
+        Args:
+            x: Current noised sample x_t (only its shape, device and dtype are used).
+            x0: Predicted clean sample.
+            eps: Predicted noise (unused).
+            a, b: Scales of x_t (unused).
+            a_prev, b_prev: Scales of the target step, broadcastable to `x`.
+            noise: Optional z ~ N(0, I) to use instead of drawing one.
+            generator: RNG for z.
+        """
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return a_prev * x0 + b_prev * noise

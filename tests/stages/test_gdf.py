@@ -16,6 +16,7 @@ from stages.gdf import (
     DDIMSampler,
     DDPMSampler,
     EpsilonTarget,
+    LCMSampler,
     P2LossWeight,
     VPScaler,
     VTarget,
@@ -26,6 +27,8 @@ from stages.gdf import (
 )
 
 LIMIT = math.log(0.9999 / 0.0001)  # ≈ 9.2102
+# In float32 (the official precision) 1 − 0.9999 loses digits: the upper limit is 9.210074, not 9.210240.
+LIMIT_TOL = 2e-4
 
 
 def _gen(seed: int, device: str = "cpu") -> torch.Generator:
@@ -62,10 +65,12 @@ def _linear_model(
 def test_cosine_schedule_limits_are_plus_minus_9_2102():
     schedule = CosineSchedule()
     lo, hi = schedule.limits
-    assert lo == pytest.approx(-9.2102, abs=1e-4) and hi == pytest.approx(9.2102, abs=1e-4)
+    assert lo == pytest.approx(-9.2102, abs=1e-4) and hi == pytest.approx(9.2102, abs=LIMIT_TOL)
     ends = schedule(torch.tensor([0.0, 1.0]))
-    assert torch.allclose(ends, torch.tensor([LIMIT, -LIMIT]), atol=1e-4)
+    assert torch.allclose(ends, torch.tensor([LIMIT, -LIMIT]), atol=LIMIT_TOL)
     assert ends.dtype == torch.float32
+    lo64, hi64 = CosineSchedule(precision=torch.float64).limits
+    assert lo64 == pytest.approx(-LIMIT, abs=1e-12) and hi64 == pytest.approx(LIMIT, abs=1e-12)
 
 
 def test_cosine_schedule_training_draws_are_in_range_and_seeded():
@@ -83,7 +88,7 @@ def test_shift_adds_two_log_inverse_shift_away_from_clamp():
         assert torch.allclose(delta, torch.full_like(t, 2 * math.log(1 / shift)), atol=1e-9)
     # Near the ends the shifted value is clamped to the limits.
     assert schedule(torch.tensor([1.0]), 2.0).item() == pytest.approx(-LIMIT, abs=1e-5)
-    assert schedule(torch.tensor([0.0]), 0.5).item() == pytest.approx(LIMIT, abs=1e-5)
+    assert schedule(torch.tensor([0.0]), 0.5).item() == schedule.limits[1]
     assert torch.allclose(schedule.t_from_logsnr(schedule(t, 2.0), 2.0), t, atol=1e-9)
 
 
@@ -113,10 +118,12 @@ def test_p2_weight_equals_sigmoid_of_minus_logsnr():
     logsnr = torch.linspace(-9.2, 9.2, 57)
     weight = P2LossWeight()
     assert torch.allclose(weight(logsnr), torch.sigmoid(-logsnr), rtol=1e-5, atol=1e-7)
+    # loss_shift adds 2·ln(shift) (the opposite sign of the schedule's shift).
     shifted = weight(logsnr, shift=2.0)
-    assert torch.allclose(shifted, torch.sigmoid(-(logsnr + 2 * math.log(0.5))), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(shifted, torch.sigmoid(-(logsnr + 2 * math.log(2.0))), rtol=1e-5, atol=1e-7)
+    # s scales the logSNR: w = (k + e^(s·λ))^(−γ).
     general = P2LossWeight(k=0.5, gamma=2.0, s=3.0)(logsnr.double())
-    assert torch.allclose(general, (0.5 + 3.0 * logsnr.double().exp()) ** -2.0, rtol=1e-9)
+    assert torch.allclose(general, (0.5 + (3.0 * logsnr.double()).exp()) ** -2.0, rtol=1e-9)
 
 
 def test_adaptive_loss_weight_update_and_state_round_trip():
@@ -196,6 +203,49 @@ def test_ddim_eta_zero_is_deterministic_and_exact_with_perfect_eps():
         assert torch.allclose(x0_hat, x0, atol=1e-9)
         a, b = _scales(logsnr[i + 1].item())
         assert torch.allclose(x, a * x0 + b * eps, atol=1e-9)
+
+
+def test_lcm_step_renoises_x0_with_fresh_noise():
+    x0, eps, x, z = (torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=_gen(s)) for s in (1, 2, 3, 4))
+    a, b = _scales(-1.0)
+    a_prev, b_prev = _scales(0.5)
+    lcm = LCMSampler()
+    # x_prev = a_prev·x̂0 + b_prev·z: x_t and ε̂ play no part.
+    step = lcm.step(x, x0, eps, a, b, a_prev, b_prev, noise=z)
+    assert torch.equal(step, a_prev * x0 + b_prev * z)
+    assert torch.equal(lcm.step(x * 3, x0, eps * 5, a, b, a_prev, b_prev, noise=z), step)
+    # Drawn noise: seeded, and (x_prev − a_prev·x̂0)/b_prev ~ N(0, 1).
+    big_x0 = torch.randn(4, 4, 64, 64, generator=_gen(5))
+    g1 = lcm.step(big_x0, big_x0, big_x0, a, b, a_prev, b_prev, generator=_gen(7))
+    g2 = lcm.step(big_x0, big_x0, big_x0, a, b, a_prev, b_prev, generator=_gen(7))
+    assert torch.equal(g1, g2) and g1.dtype == torch.float32
+    noise = (g1.double() - a_prev * big_x0.double()) / b_prev
+    assert abs(noise.mean().item()) < 0.02 and noise.std().item() == pytest.approx(1.0, abs=0.02)
+    assert abs(torch.corrcoef(torch.stack([noise.flatten(), big_x0.double().flatten()]))[0, 1].item()) < 0.02
+
+
+def test_lcm_sampling_with_perfect_x0_predictor_returns_x0():
+    gdf = GDF(stage_gdf().schedule, VPScaler(), X0Target(), CosineTNoiseCond(), P2LossWeight())
+    x0 = torch.randn(2, 4, 8, 8, generator=_gen(0))
+    steps = list(
+        gdf.sample(
+            lambda x, r: x0, {}, x0.shape, sampler=LCMSampler(), timesteps=4, cfg=None, generator=_gen(1)
+        )
+    )
+    assert len(steps) == 4
+    for x0_hat, _, _ in steps:
+        assert torch.allclose(x0_hat, x0, atol=1e-5)
+    # Every step re-noises, the last one too: t = 0 has b_prev = √σ(−λ_max) ≈ 0.01 with the clamped schedule.
+    a_end, b_end = gdf.input_scaler(gdf.schedule(torch.tensor(0.0)))
+    residual = (steps[-1][1] - a_end * x0) / b_end
+    assert residual.std().item() == pytest.approx(1.0, abs=0.2)
+    assert torch.allclose(steps[-1][1], x0, atol=0.06)
+    # Intermediate states are a_prev·x0 + b_prev·z at the next logSNR.
+    logsnr = gdf.schedule(torch.linspace(1.0, 0.0, 5))
+    for i, (_, x, _) in enumerate(steps):
+        a, b = gdf.input_scaler(logsnr[i + 1])
+        z = (x - a * x0) / b
+        assert z.std().item() == pytest.approx(1.0, abs=0.2)
 
 
 # ---------------------------------------------------------------- diffuse / undiffuse / pyramid

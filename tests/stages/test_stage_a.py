@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
 
-from stages.stage_a import FLAVORS, ResBlockA, StageA, StageAConfig
+from stages.stage_a import COMMITMENT_BETA, FLAVORS, ResBlockA, StageA, StageAConfig, StageAEncoding
 
 BN_BUFFERS = {f"down_blocks.3.1.{n}" for n in ("running_mean", "running_var", "num_batches_tracked")}
 
@@ -136,6 +136,80 @@ def test_quantize_snaps_to_nearest_codebook_row():
     _, idx = model.quantize(z)
     brute = ((z.permute(0, 2, 3, 1)[..., None, :] - codebook) ** 2).sum(-1).argmin(-1)
     assert torch.equal(idx, brute)
+
+
+def test_encode_quantize_returns_official_tuple():
+    model = _tiny()
+    images = _astronaut(64)[:, :, :, :48].repeat(2, 1, 1, 1)
+    images[1] = images[1].flip(-1)
+    codebook = model.vquantizer.codebook.weight.detach()
+    with torch.no_grad():
+        default = model.encode(images)
+        out = model.encode(images, quantize=True)
+    assert isinstance(default, torch.Tensor) and isinstance(out, StageAEncoding)
+    latent, raw, indices, vq_loss = out  # tuple-compatible, official order
+    assert (
+        latent.shape == raw.shape == (2, 4, 16, 12) and indices.shape == (2, 16, 12) and vq_loss.shape == ()
+    )
+    assert indices.dtype == torch.long
+    # The unquantized member is exactly the default encode (which is unchanged: raw bottleneck / 0.43).
+    torch.testing.assert_close(raw, default, rtol=0, atol=0)
+    torch.testing.assert_close(default, model.encode_unscaled(images) / 0.43, rtol=0, atol=0)
+    # The quantized latent is exactly a codebook row per pixel, scaled.
+    rows = codebook[indices].permute(0, 3, 1, 2)
+    torch.testing.assert_close(latent, rows / 0.43, rtol=0, atol=0)
+    # Indices minimise the squared distance of the unscaled latent to the codebook (brute force in float64).
+    z = (raw * 0.43).double().permute(0, 2, 3, 1)
+    dist = ((z[..., None, :] - codebook.double()) ** 2).sum(-1)
+    assert torch.equal(indices, dist.argmin(-1))
+    assert len(indices.unique()) > 1
+    # VQ loss = ‖sg[z] − e‖² + β‖z − sg[e]‖² = (1 + β)·mse(e, z) in value, β = 0.25 by default.
+    mse = F.mse_loss(rows, raw * 0.43)
+    assert COMMITMENT_BETA == 0.25
+    torch.testing.assert_close(vq_loss, 1.25 * mse, rtol=1e-5, atol=0)
+    with torch.no_grad():
+        beta1 = model.encode(images, quantize=True, commitment_beta=1.0).vq_loss
+    torch.testing.assert_close(beta1, 2 * mse, rtol=1e-5, atol=0)
+    assert model.encode(images, quantize=False).shape == default.shape
+
+
+def test_vq_loss_gradients_split_between_codebook_and_encoder():
+    model = _tiny()
+    z = torch.randn(1, 4, 3, 5, requires_grad=True)
+    quantized, indices = model.quantize(z)
+    # Straight-through: the quantized output passes gradients to z unchanged, none to the codebook.
+    quantized.sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))
+    assert model.vquantizer.codebook.weight.grad is None
+    z.grad = None
+    loss = model.vquantizer.loss(z, indices, beta=0.25)
+    loss.backward()
+    rows = model.vquantizer.codebook.weight.detach()[indices].permute(0, 3, 1, 2)
+    n = z.numel()
+    # d/dz of β‖z − sg[e]‖² and d/de of ‖sg[z] − e‖² (each a mean over all elements).
+    torch.testing.assert_close(z.grad, 0.25 * 2 * (z.detach() - rows) / n)
+    grad_rows = model.vquantizer.codebook.weight.grad[indices].permute(0, 3, 1, 2)
+    used = torch.zeros(model.config.codebook_size, dtype=torch.bool)
+    used[indices.flatten()] = True
+    assert bool((model.vquantizer.codebook.weight.grad[~used] == 0).all())
+    if len(indices.unique()) == indices.numel():  # no shared rows: per-pixel gradient is exact
+        torch.testing.assert_close(grad_rows, 2 * (rows - z.detach()) / n)
+
+
+def test_quantize_matches_diffusers_vector_quantizer():
+    config = FLAVORS["stage_a/tiny"]
+    paella = _paella(config).eval()
+    _randomize_(paella, seed=5)
+    model = StageA(config).eval()
+    model.load_state_dict({_to_official(k): v for k, v in paella.state_dict().items()}, strict=True)
+    z = torch.randn(2, 4, 6, 7, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs_q, theirs_loss, (_, _, theirs_idx) = paella.vquantizer(z)
+        ours_q, ours_idx = model.quantize(z)
+        ours_loss = model.vquantizer.loss(z, ours_idx)
+    assert torch.equal(ours_idx.flatten(), theirs_idx.flatten())
+    torch.testing.assert_close(ours_q, theirs_q, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize(("flavor", "size_px"), [("stage_a/tiny", 128), ("stage_a", 64)])
