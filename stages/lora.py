@@ -7,6 +7,10 @@ with keys ``embeddings.embeddings``, ``embeddings.indices``, ``weights.{i}.lora_
 ``weights.{i}.lora_up``, where ``i`` follows ``generator.modules()`` order: per AttnBlock the
 ``out_proj`` LoRA comes first, then the ``in_proj`` one.
 
+The ``embeddings`` entry is always there, as in the official script (which always builds a ReToken): with
+no trained tokens it is empty, ``embeddings.embeddings`` (0, C_text) and ``embeddings.indices`` (0,), so
+the official strict ``load_state_dict`` accepts our files and ours accepts theirs.
+
 Parametrized modules cannot be pickled; merge (or ship state dicts) before sending a model to a worker.
 """
 
@@ -61,8 +65,26 @@ class LoRA(nn.Module):
         )
 
 
+# Defaults of the official ReToken: it always makes (len(indices), 1280) embeddings.
+DEFAULT_TEXT_DIM = 1280
+INDEX_KEY = "embeddings.indices"
+EMBEDDINGS_KEY = "embeddings.embeddings"
+
+# The dtype of an *empty* ``indices`` buffer. The official ReToken stores ``torch.tensor(indices)`` built
+# from a Python list: a non-empty list of ints gives int64, but ``train_tokens: []`` gives the empty list,
+# and ``torch.tensor([])`` has no element to infer an integer dtype from, so it takes the default float
+# dtype, float32 (shape (0,)). We write that same dtype so our file declares what the official script
+# writes for that config; ``load_state_dict`` only checks shapes (``copy_`` casts), so either dtype loads
+# on both sides, and :func:`load_lora` accepts an empty index tensor of any dtype.
+EMPTY_INDEX_DTYPE = torch.float32
+
+
 class ReToken(nn.Module):
-    """Learned deltas added to selected rows of a token-embedding matrix (zero-initialised)."""
+    """Learned deltas added to selected rows of a token-embedding matrix (zero-initialised).
+
+    ``indices`` is int64 when tokens are given; an empty ReToken (no trained tokens) keeps a float32 (0,)
+    buffer, as the official code does (see ``EMPTY_INDEX_DTYPE``), and is the identity.
+    """
 
     indices: torch.Tensor
 
@@ -75,12 +97,20 @@ class ReToken(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        index = torch.as_tensor(indices, dtype=torch.long, device=device).flatten()
-        self.register_buffer("indices", index)
+        index = torch.as_tensor(indices, device=device).flatten()
+        if index.numel() == 0:
+            index = index.to(EMPTY_INDEX_DTYPE)
+        elif index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise TypeError(f"ReToken indices must be integer token ids, got dtype {index.dtype}")
+        else:
+            index = index.long()
         self.embeddings = nn.Parameter(torch.zeros(index.numel(), dim, device=device, dtype=dtype))
+        self.register_buffer("indices", index)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.index_add(0, self.indices, self.embeddings.to(weight.dtype))
+        if self.indices.numel() == 0:
+            return weight
+        return weight.index_add(0, self.indices.long(), self.embeddings.to(weight.dtype))
 
     def extra_repr(self) -> str:
         return f"tokens={self.indices.numel()}, dim={self.embeddings.shape[1]}"
@@ -244,6 +274,17 @@ def _update_vocab_size(text_model: nn.Module, vocab_size: int) -> None:
             )
 
 
+def _text_dim(stage_c: nn.Module, text_dim: int | None) -> int:
+    """C_text for an empty ReToken: ``text_dim``, else Stage C's ``config.c_clip_text``, else 1280."""
+    if text_dim is None:
+        text_dim = getattr(getattr(stage_c, "config", None), "c_clip_text", None)
+        if not isinstance(text_dim, int) or isinstance(text_dim, bool):
+            text_dim = DEFAULT_TEXT_DIM
+    if not isinstance(text_dim, int) or isinstance(text_dim, bool) or text_dim <= 0:
+        raise ValueError(f"text_dim must be a positive integer, got {text_dim!r}")
+    return text_dim
+
+
 def build_lora(
     stage_c: nn.Module,
     text_model: nn.Module | None = None,
@@ -251,54 +292,109 @@ def build_lora(
     filters: Sequence[str] = DEFAULT_FILTERS,
     rank: int = 4,
     retoken_indices: Sequence[int] | torch.Tensor | None = None,
+    text_dim: int | None = None,
 ) -> nn.ModuleDict:
     """Apply LoRA to Stage C (and ReToken to the text model) and bundle them as the official ``lora``.
 
+    ``embeddings`` is always present, as in the official script. With no ``text_model``, or with empty
+    ``retoken_indices``, it is an empty ReToken (``embeddings.embeddings`` (0, C_text), float32
+    ``embeddings.indices`` (0,)) attached to nothing; its parameter has ``requires_grad=False`` so an
+    optimizer built from ``requires_grad`` parameters (jobs/train_loop.py) leaves it out: nothing could
+    train it, and a parameter outside the generator breaks ``get_optimizer_state_dict(generator, ...)``.
+
+    Args:
+        text_dim: C_text of an empty ReToken when there is no ``text_model`` (whose token-embedding width
+            is used otherwise); default ``stage_c.config.c_clip_text`` if present, else 1280 (bigG).
+
     Returns:
-        ``ModuleDict{'embeddings': ReToken, 'weights': ModuleList[LoRA]}``; ``embeddings`` only when
-        both ``text_model`` and ``retoken_indices`` are given.
+        ``ModuleDict{'embeddings': ReToken, 'weights': ModuleList[LoRA]}``.
     """
     if (text_model is None) != (retoken_indices is None):
         raise ValueError("text_model and retoken_indices must be given together (ReToken needs both)")
+    width = (
+        token_embedding(text_model).embedding_dim if text_model is not None else _text_dim(stage_c, text_dim)
+    )
+    if text_dim is not None and text_dim != width:
+        raise ValueError(f"text_dim={text_dim} differs from the text model's embedding width {width}")
+    has_tokens = retoken_indices is not None and torch.as_tensor(retoken_indices).numel() > 0
     bundle = nn.ModuleDict()
-    if text_model is not None and retoken_indices is not None:
+    if has_tokens:
+        assert text_model is not None and retoken_indices is not None
         bundle["embeddings"] = apply_retoken(text_model, retoken_indices)
-    bundle["weights"] = apply_lora(stage_c, filters, rank)
+    weights = apply_lora(stage_c, filters, rank)
+    if not has_tokens:
+        bundle["embeddings"] = ReToken([], width, device=weights[0].lora_up.device).requires_grad_(False)
+    bundle["weights"] = weights
     return bundle
 
 
+def _lora_state(lora: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The bundle's state dict with float tensors cast to ``dtype``, except the (float32 when empty) indices."""
+    state = lora.state_dict()
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() and k != INDEX_KEY else v for k, v in state.items()}
+
+
 def save_lora(lora: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> str:
-    """Write the ``lora`` bundle's state dict as safetensors (local path or fsspec URL); returns sha256."""
-    return save_weights(lora.state_dict(), path, dtype=dtype)
+    """Write the ``lora`` bundle's state dict as safetensors (local path or fsspec URL); returns sha256.
+
+    ``dtype`` casts the float weights; ``embeddings.indices`` keeps its dtype (float32 when empty).
+    """
+    return save_weights(_lora_state(lora, dtype), path)
 
 
 def load_lora(lora: nn.Module, path: str | os.PathLike) -> str:
     """Strictly load a LoRA/ReToken safetensors file into a bundle from :func:`build_lora`.
 
-    Float tensors are cast to the bundle's dtype. Different ReToken ``indices`` values are loaded as
-    stored (as the official code does) with a warning.
+    Float tensors are cast to the bundle's dtype. ``embeddings.indices`` must be integer token ids; an
+    empty one may have any dtype (the official script writes float32 for ``train_tokens: []``). Different
+    ReToken ``indices`` values are loaded as stored (as the official code does) with a warning. A file
+    written before the ``embeddings`` keys were always saved (no such keys at all) loads, with a warning,
+    into a bundle whose ReToken is empty.
 
     Returns:
         The file's sha256.
 
     Raises:
-        WeightsError: missing/unexpected keys or wrong shapes; the message names the file and the keys.
+        WeightsError: missing/unexpected keys or wrong shapes (the message names the file and the keys),
+            float token ids, or trained tokens in the file for a bundle built without a text model.
     """
     loaded = read_safetensors(path)
-    check_state_dict(lora, loaded.state_dict, loaded.path)
+    file_state = dict(loaded.state_dict)
     expected = lora.state_dict()
-    index_key = "embeddings.indices"
-    if index_key in expected and loaded.state_dict[index_key].is_floating_point():
-        raise WeightsError(f"{loaded.path}: {index_key} must hold integer token ids")
-    state = {k: v.to(expected[k].dtype) for k, v in loaded.state_dict.items()}
-    if index_key in state and not torch.equal(state[index_key].cpu(), expected[index_key].cpu()):
+    if INDEX_KEY in expected and expected[INDEX_KEY].numel() == 0:
+        n_file = file_state[INDEX_KEY].numel() if INDEX_KEY in file_state else 0
+        if n_file:
+            raise WeightsError(
+                f"{loaded.path}: the file trains {n_file} token(s) ({INDEX_KEY} "
+                f"{file_state[INDEX_KEY].tolist()}); build the bundle with text_model and retoken_indices"
+            )
+        if INDEX_KEY not in file_state and EMBEDDINGS_KEY not in file_state:
+            warnings.warn(
+                f"{loaded.path}: no {EMBEDDINGS_KEY}/{INDEX_KEY} (written before they were always saved); "
+                "loading it as an empty ReToken. The official script needs them: re-save with save_lora.",
+                stacklevel=2,
+            )
+            file_state[EMBEDDINGS_KEY] = expected[EMBEDDINGS_KEY]
+            file_state[INDEX_KEY] = expected[INDEX_KEY]
+    check_state_dict(lora, file_state, loaded.path)
+    index = file_state.get(INDEX_KEY)
+    if index is not None and index.numel() > 0 and not _is_integer(index):
+        raise WeightsError(f"{loaded.path}: {INDEX_KEY} must hold integer token ids, got {index.dtype}")
+    state = {k: v.to(expected[k].dtype) for k, v in file_state.items()}
+    if INDEX_KEY in state and not torch.equal(state[INDEX_KEY].cpu(), expected[INDEX_KEY].cpu()):
         warnings.warn(
-            f"{loaded.path}: {index_key} {state[index_key].tolist()} differ from the built "
-            f"{expected[index_key].tolist()}; using the file's",
+            f"{loaded.path}: {INDEX_KEY} {state[INDEX_KEY].tolist()} differ from the built "
+            f"{expected[INDEX_KEY].tolist()}; using the file's",
             stacklevel=2,
         )
     lora.load_state_dict(state, strict=True)
     return loaded.sha256
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

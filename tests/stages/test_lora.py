@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -11,9 +12,11 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 from stages.lora import (
+    EMPTY_INDEX_DTYPE,
     LoRA,
     ReToken,
     add_train_tokens,
@@ -97,7 +100,8 @@ def test_3_6b_counts_order_and_keys() -> None:
     model = _meta_stage_c("stage_c/3.6b")
     lora = build_lora(model, rank=4)
     weights = lora["weights"]
-    assert list(lora.keys()) == ["weights"]
+    assert list(lora.keys()) == ["embeddings", "weights"]
+    assert lora["embeddings"].embeddings.shape == (0, 1280)  # c_clip_text of the 3.6B flavor
     assert len(weights) == 128
     assert sum(p.numel() for p in lora.parameters()) == 3_145_728
     assert weights[0].lora_up.shape == (2048, 4) and weights[0].lora_down.shape == (4, 2048)
@@ -108,7 +112,7 @@ def test_3_6b_counts_order_and_keys() -> None:
     assert first.out_proj.parametrizations.weight[0] is weights[0]
     assert first.parametrizations.in_proj_weight[0] is weights[1]
     expected_keys = [f"weights.{i}.{n}" for i in range(128) for n in ("lora_down", "lora_up")]
-    assert list(lora.state_dict()) == expected_keys
+    assert list(lora.state_dict()) == ["embeddings.embeddings", "embeddings.indices", *expected_keys]
     assert weights[0].alpha / weights[0].rank == 0.25
     # kv_mapper and conv blocks stay untouched.
     touched = {n for n, m in model.named_modules() if hasattr(m, "parametrizations")}
@@ -352,3 +356,191 @@ def test_official_file_layout_loads(tmp_path, text_model: CLIPTextModelWithProje
     assert lora["embeddings"].embeddings.dtype == torch.float32
     assert torch.equal(lora["weights"][1].lora_up, torch.ones(192, 4))
     assert set(load_file(str(path))) == set(lora.state_dict())
+
+
+# --- the official `lora` layout with no trained tokens (issue 14) -------------------------------------------------
+
+
+class _SpecReToken(nn.Module):
+    """The official ReToken as spec §1.8 describes it: an (N, 1280) Parameter and ``torch.tensor(indices)``."""
+
+    def __init__(self, indices: list[int], dim: int = 1280) -> None:
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.zeros(len(indices), dim))
+        self.register_buffer("indices", torch.tensor(indices))
+
+
+class _SpecLoRA(nn.Module):
+    def __init__(self, out_features: int, in_features: int, rank: int) -> None:
+        super().__init__()
+        self.lora_down = nn.Parameter(torch.zeros(rank, in_features))
+        self.lora_up = nn.Parameter(torch.randn(out_features, rank))
+
+
+def _spec_bundle(
+    shapes: list[tuple[int, int]], rank: int, indices: list[int] | None = None, dim: int = 1280
+) -> nn.ModuleDict:
+    """``ModuleDict{'embeddings': ReToken, 'weights': ModuleList[LoRA]}`` from (out, in) per LoRA layer."""
+    weights = nn.ModuleList([_SpecLoRA(o, i, rank) for o, i in shapes])
+    return nn.ModuleDict({"embeddings": _SpecReToken(indices or [], dim), "weights": weights})
+
+
+# Tiny Stage C (c=64, '.attn'): 6 AttnBlocks x (out_proj (64, 64), in_proj (192, 64)).
+TINY_SHAPES = [(64, 64), (192, 64)] * 6
+
+
+def test_spec_bundle_matches_tiny_stage_c() -> None:
+    lora = build_lora(StageC(FLAVORS["stage_c/tiny"]), rank=4)
+    assert [(w.lora_up.shape[0], w.lora_down.shape[1]) for w in lora["weights"]] == TINY_SHAPES
+
+
+def test_empty_retoken_matches_official_dtype() -> None:
+    """``train_tokens: []`` officially gives ``torch.tensor([])``: float32, shape (0,)."""
+    official = _SpecReToken([])
+    assert official.indices.dtype == torch.float32 and official.indices.shape == (0,)
+    assert official.indices.dtype == EMPTY_INDEX_DTYPE
+    ours = ReToken([], 1280)
+    assert ours.indices.dtype == official.indices.dtype and ours.indices.shape == (0,)
+    assert ours.embeddings.shape == (0, 1280)
+    weight = torch.randn(5, 1280)
+    assert torch.equal(ours(weight), weight)  # the identity, even if registered
+    assert ReToken(torch.tensor([3, 1], dtype=torch.int32), 4).indices.dtype == torch.int64
+    with pytest.raises(TypeError, match="integer token ids"):
+        ReToken([1.5], 4)
+
+
+def test_state_dict_strict_round_trip_with_official_layout(tmp_path) -> None:
+    """Our saved key set/shapes and the official module load into each other with strict=True."""
+    torch.manual_seed(0)
+    lora = build_lora(StageC(FLAVORS["stage_c/tiny"]), rank=4, text_dim=1280)
+    _perturb(lora)
+    state = lora.state_dict()
+    assert list(state)[:2] == ["embeddings.embeddings", "embeddings.indices"]
+    assert state["embeddings.embeddings"].shape == (0, 1280)
+    assert state["embeddings.indices"].shape == (0,) and state["embeddings.indices"].dtype == torch.float32
+
+    # ours -> file -> official (strict)
+    path = tmp_path / "lora.safetensors"
+    save_lora(lora, path)
+    written = load_file(str(path))
+    official = _spec_bundle(TINY_SHAPES, rank=4)
+    assert set(written) == set(official.state_dict())
+    assert written["embeddings.indices"].dtype == official.state_dict()["embeddings.indices"].dtype
+    official.load_state_dict(written, strict=True)
+    assert torch.equal(official["weights"][2].lora_down, lora["weights"][2].lora_down)
+
+    # official (in memory) -> ours (strict), both directions of plain load_state_dict
+    other = build_lora(StageC(FLAVORS["stage_c/tiny"]), rank=4, text_dim=1280)
+    other.load_state_dict(official.state_dict(), strict=True)
+    official.load_state_dict(other.state_dict(), strict=True)
+    for key, value in lora.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value), key
+
+
+def test_save_lora_dtype_keeps_empty_indices_float32(tmp_path) -> None:
+    lora = build_lora(StageC(FLAVORS["stage_c/tiny"]), rank=4)
+    path = tmp_path / "bf16.safetensors"
+    save_lora(lora, path, dtype=torch.bfloat16)
+    written = load_file(str(path))
+    assert written["embeddings.indices"].dtype == torch.float32
+    assert written["embeddings.embeddings"].dtype == torch.bfloat16 and written[
+        "embeddings.embeddings"
+    ].shape == (0, 32)
+    assert written["weights.0.lora_up"].dtype == torch.bfloat16
+    load_lora(lora, path)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.float32, torch.int64])
+def test_official_file_with_empty_embeddings_loads(tmp_path, index_dtype: torch.dtype) -> None:
+    """An official-layout file with no trained tokens (float32 indices as written, or int64) loads into ours."""
+    official = _spec_bundle(TINY_SHAPES, rank=4)
+    with torch.no_grad():
+        for layer in official["weights"]:
+            layer.lora_down.normal_()
+    state = {k: v.clone() for k, v in official.state_dict().items()}
+    state["embeddings.indices"] = state["embeddings.indices"].to(index_dtype)
+    path = tmp_path / "official.safetensors"
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() and k != "embeddings.indices" else v
+               for k, v in state.items()}, str(path))  # fmt: skip
+    lora = build_lora(StageC(FLAVORS["stage_c/tiny"]), rank=4, text_dim=1280)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. no "indices differ" warning
+        load_lora(lora, path)
+    assert lora["embeddings"].indices.dtype == torch.float32 and lora["embeddings"].indices.numel() == 0
+    expected = official["weights"][3].lora_down.to(torch.bfloat16).float()
+    assert torch.equal(lora["weights"][3].lora_down, expected)
+
+
+def test_empty_bundle_with_text_model(text_model: CLIPTextModelWithProjection) -> None:
+    """``train_tokens: []`` with a text model: an empty ReToken of its width, the text model untouched."""
+    keys = list(text_model.state_dict())
+    lora = build_lora(StageC(FLAVORS["stage_c/tiny"]), text_model, rank=4, retoken_indices=[])
+    assert lora["embeddings"].embeddings.shape == (0, 32)
+    assert list(text_model.state_dict()) == keys
+    with pytest.raises(ValueError, match="text_dim=1280 differs"):
+        build_lora(StageC(FLAVORS["stage_c/tiny"]), text_model, retoken_indices=[], text_dim=1280)
+
+
+def test_text_dim_defaults() -> None:
+    class _Attn(nn.Module):  # no Stage C config: the official 1280
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+
+    assert build_lora(nn.Sequential(_Attn()))["embeddings"].embeddings.shape == (0, 1280)
+    assert build_lora(StageC(FLAVORS["stage_c/tiny"]))["embeddings"].embeddings.shape == (
+        0,
+        32,
+    )  # c_clip_text
+    assert build_lora(StageC(FLAVORS["stage_c/tiny"]), text_dim=7)["embeddings"].embeddings.shape == (0, 7)
+    with pytest.raises(ValueError, match="positive integer"):
+        build_lora(StageC(FLAVORS["stage_c/tiny"]), text_dim=0)
+
+
+def test_official_file_with_tokens_needs_a_text_model(tmp_path, text_model, tokenizer) -> None:
+    official = _spec_bundle(TINY_SHAPES, rank=4, indices=[CLIP_VOCAB], dim=32)
+    assert official.state_dict()["embeddings.indices"].dtype == torch.int64
+    path = tmp_path / "tokens.safetensors"
+    save_file(official.state_dict(), str(path))
+    with pytest.raises(WeightsError, match=r"trains 1 token.*retoken_indices"):
+        load_lora(build_lora(StageC(FLAVORS["stage_c/tiny"]), rank=4), path)
+    indices = add_train_tokens(tokenizer, text_model, [["[fernando]", "^dog</w>"]])
+    lora = build_lora(StageC(FLAVORS["stage_c/tiny"]), text_model, rank=4, retoken_indices=indices)
+    load_lora(lora, path)
+    official.load_state_dict(lora.state_dict(), strict=True)
+
+    float_ids = tmp_path / "float_ids.safetensors"
+    save_file(
+        {**official.state_dict(), "embeddings.indices": torch.tensor([float(CLIP_VOCAB)])}, str(float_ids)
+    )
+    with pytest.raises(WeightsError, match="integer token ids"):
+        load_lora(lora, float_ids)
+
+
+def test_legacy_file_without_embeddings_loads_with_warning(tmp_path) -> None:
+    lora = build_lora(StageC(FLAVORS["stage_c/tiny"]), rank=4)
+    _perturb(lora)
+    legacy = tmp_path / "legacy.safetensors"
+    save_file({k: v for k, v in lora.state_dict().items() if k.startswith("weights.")}, str(legacy))
+    other = build_lora(StageC(FLAVORS["stage_c/tiny"]), rank=4)
+    with pytest.warns(UserWarning, match="written before"):
+        load_lora(other, legacy)
+    assert torch.equal(other["weights"][0].lora_down, lora["weights"][0].lora_down)
+    half = tmp_path / "half.safetensors"
+    save_file({k: v for k, v in lora.state_dict().items() if k != "embeddings.indices"}, str(half))
+    with pytest.raises(WeightsError, match=r"missing keys: embeddings\.indices"):
+        load_lora(other, half)
+
+
+def test_train_loop_usage(tiny_c: StageC, c_inputs: dict[str, torch.Tensor]) -> None:
+    """As jobs/train_loop.py: AdamW on the bundle's requires_grad params, optimizer state named by the generator."""
+    tiny_c.requires_grad_(False)
+    lora = build_lora(tiny_c, filters=(".attn",), rank=4)
+    params = [p for p in lora.parameters() if p.requires_grad]
+    assert len(params) == 2 * len(lora["weights"])  # the unattached empty ReToken is not trained
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    tiny_c(**c_inputs).square().mean().backward()
+    optimizer.step()
+    state = get_optimizer_state_dict(tiny_c, optimizer, options=StateDictOptions(full_state_dict=True))
+    assert len(state["state"]) == len(params)
+    assert {"embeddings.embeddings", "embeddings.indices"} <= set(lora.state_dict())
