@@ -1,10 +1,12 @@
-"""Canonical column names shared by every record kind (pyarrow-free constants).
+"""Canonical column names shared by every record kind (pyarrow-free constants and name helpers).
 
 Reject marking: while a batch flows through a pipeline, every row carries ``reject_step``,
 ``reject_reason`` and ``reject_detail`` (empty strings while the row is healthy). A step skips rows that
 are already rejected and marks the rows it cannot process; the pipeline splits them off at the end into
 the rejects table, so success and reject counts always add up to the input.
 """
+
+from collections.abc import Iterable
 
 # image–text samples (samples@1)
 KEY = "key"
@@ -57,3 +59,32 @@ CLIP_TEXT = "clip_text"  # CLIP-bigG text hidden states, 77×1280
 CLIP_TEXT_POOLED = "clip_text_pooled"  # CLIP-bigG pooled text embedding, 1×1280
 CLIP_IMG = "clip_img"  # CLIP-L image embedding, 768
 LATENT_TENSOR_COLUMNS = (EFFNET, STAGE_A, CLIP_TEXT, CLIP_TEXT_POOLED, CLIP_IMG)
+
+# Optional Stage B conditioning columns, one per stored size: ``stage_b_effnet_{s}`` is the effnet latent
+# (16×s×s) of the Stage A crop resized with NEAREST to 32s×32s px (official train_b.py's effnet input).
+STAGE_B_EFFNET_PREFIX = "stage_b_effnet_"
+
+
+def stage_b_effnet_column(cells: int) -> str:
+    """The column of the Stage B effnet latent at ``cells``×``cells`` latent cells: 16 -> "stage_b_effnet_16"."""
+    if isinstance(cells, bool) or not isinstance(cells, int) or cells < 1:
+        raise ValueError(f"cells={cells!r} must be a positive int")
+    return f"{STAGE_B_EFFNET_PREFIX}{cells}"
+
+
+def stage_b_effnet_cells(name: str) -> int | None:
+    """Inverse of :func:`stage_b_effnet_column`: "stage_b_effnet_16" -> 16; None for any other name."""
+    digits = name[len(STAGE_B_EFFNET_PREFIX) :] if name.startswith(STAGE_B_EFFNET_PREFIX) else ""
+    if not digits.isascii() or not digits.isdigit() or digits.startswith("0"):
+        return None
+    return int(digits)
+
+
+def stage_b_cells_of(names: Iterable[str]) -> tuple[int, ...]:
+    """The stored Stage B sizes among column names (e.g. a file's ``tensor_shapes`` keys), ascending."""
+    return tuple(sorted({s for s in map(stage_b_effnet_cells, names) if s is not None}))
+
+
+def is_latent_tensor_column(name: str) -> bool:
+    """A tensor column latents@1 and export@1 may hold: the fixed ones and any ``stage_b_effnet_{s}``."""
+    return name in LATENT_TENSOR_COLUMNS or stage_b_effnet_cells(name) is not None

@@ -1,7 +1,8 @@
 """Versioned record schemas (``name@version``), file metadata and the schema registry. pyarrow + stdlib only.
 
 Every file this platform writes carries five ``cascade.*`` schema-metadata keys (see ``FileMetadata``):
-the schema id, the encoder flavors, the weights sha256, the preprocessing hash and the tensor shapes.
+the schema id, the encoder flavors, the weights sha256, the preprocessing hash and the tensor shapes; latent
+files with Stage B conditioning columns add ``cascade.stage_b_conditioning`` (``OPTIONAL_METADATA_KEYS``).
 ``attach_metadata`` puts them on a table before it is written; ``validate_table`` checks a table read back.
 """
 
@@ -30,6 +31,10 @@ METADATA_KEYS = (
     PREPROCESSING_HASH_KEY,
     TENSOR_SHAPES_KEY,
 )
+# JSON {"mode", "cells", "bytes_per_sample", ...}: how the stage_b_effnet_{s} columns were made (encode's
+# pipelines.encode.stage_b); written only when a file has them, so older files and readers are unaffected.
+STAGE_B_CONDITIONING_KEY = "cascade.stage_b_conditioning"
+OPTIONAL_METADATA_KEYS = (STAGE_B_CONDITIONING_KEY,)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ID = re.compile(r"^([a-z][a-z0-9_]*)@([1-9][0-9]*)$")
 
@@ -79,6 +84,7 @@ class FileMetadata:
         weights_sha256: model role -> sha256 hex digest of the weights that produced the file.
         preprocessing_hash: ``preprocessing_hash()`` of the preprocessing parameters ("" where none apply).
         tensor_shapes: tensor column -> ``TensorSpec``; ``attach_metadata`` fills it from the schema.
+        stage_b_conditioning: how the ``stage_b_effnet_{s}`` columns were made (JSON object; empty: none).
     """
 
     schema_id: str = ""
@@ -86,6 +92,7 @@ class FileMetadata:
     weights_sha256: Mapping[str, str] = field(default_factory=dict)
     preprocessing_hash: str = ""
     tensor_shapes: Mapping[str, TensorSpec] = field(default_factory=dict)
+    stage_b_conditioning: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.schema_id:
@@ -99,9 +106,12 @@ class FileMetadata:
         for column, spec in self.tensor_shapes.items():
             if not isinstance(spec, TensorSpec):
                 raise TypeError(f"tensor_shapes[{column!r}] is {type(spec).__name__}, expected TensorSpec")
+        if not isinstance(self.stage_b_conditioning, Mapping):
+            raise TypeError(f"stage_b_conditioning={self.stage_b_conditioning!r} must be a JSON object")
 
     def to_arrow(self) -> dict[bytes, bytes]:
-        """The five ``cascade.*`` keys as Arrow schema metadata (JSON values, sorted keys)."""
+        """The five ``cascade.*`` keys (plus the optional ones that are set) as Arrow schema metadata (JSON
+        values, sorted keys)."""
         shapes = {c: s.to_json() for c, s in self.tensor_shapes.items()}
         values = {
             SCHEMA_KEY: self.schema_id,
@@ -110,6 +120,8 @@ class FileMetadata:
             PREPROCESSING_HASH_KEY: self.preprocessing_hash,
             TENSOR_SHAPES_KEY: _dumps(shapes),
         }
+        if self.stage_b_conditioning:
+            values[STAGE_B_CONDITIONING_KEY] = _dumps(dict(self.stage_b_conditioning))
         return {k.encode(): v.encode() for k, v in values.items()}
 
     @classmethod
@@ -126,6 +138,7 @@ class FileMetadata:
                 weights_sha256=json.loads(meta.get(WEIGHTS_SHA256_KEY, "{}")),
                 preprocessing_hash=meta.get(PREPROCESSING_HASH_KEY, ""),
                 tensor_shapes={c: TensorSpec(tuple(s["shape"]), s["dtype"]) for c, s in shapes.items()},
+                stage_b_conditioning=json.loads(meta.get(STAGE_B_CONDITIONING_KEY, "{}")),
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"malformed cascade metadata: {err!r}") from err

@@ -79,7 +79,7 @@ _LATENT_SCALARS = [
         for name in (c.ORIG_WIDTH, c.ORIG_HEIGHT, c.CROP_LEFT, c.CROP_TOP, c.CROP_RIGHT, c.CROP_BOTTOM)
     ),
 ]
-# Allowed ranks of each tensor column (per row). stage_a is the only optional one.
+# Allowed ranks of each tensor column (per row). stage_a and the stage_b_effnet_{s} columns are optional.
 _TENSOR_RANKS = {
     c.EFFNET: (3,),  # 16×h×w
     c.STAGE_A: (3,),  # 4×H/4×W/4
@@ -91,12 +91,13 @@ _OPTIONAL = (c.STAGE_A,)
 
 
 def _tensor_specs(shapes: Mapping[str, tuple[int, ...]], dtype: str) -> dict[str, TensorSpec]:
-    unknown = sorted(set(shapes) - set(_TENSOR_RANKS))
+    stage_b = sorted((s, name) for name in shapes if (s := c.stage_b_effnet_cells(name)) is not None)
+    unknown = sorted(set(shapes) - set(_TENSOR_RANKS) - {name for _, name in stage_b})
     missing = [name for name in _TENSOR_RANKS if name not in shapes and name not in _OPTIONAL]
     if unknown or missing:
         raise ValueError(
-            f"shapes has unknown {unknown} / missing {missing} tensor columns; "
-            f"allowed: {list(_TENSOR_RANKS)} ({list(_OPTIONAL)} optional)"
+            f"shapes has unknown {unknown} / missing {missing} tensor columns; allowed: {list(_TENSOR_RANKS)} "
+            f"({list(_OPTIONAL)} and {c.STAGE_B_EFFNET_PREFIX}{{cells}} optional)"
         )
     specs = {}
     for name in _TENSOR_RANKS:  # fixed column order
@@ -105,6 +106,11 @@ def _tensor_specs(shapes: Mapping[str, tuple[int, ...]], dtype: str) -> dict[str
             if len(spec.shape) not in _TENSOR_RANKS[name]:
                 raise ValueError(f"shapes[{name!r}]={spec.shape} must have rank {_TENSOR_RANKS[name]}")
             specs[name] = spec
+    for cells, name in stage_b:  # then the Stage B sizes, ascending
+        spec = TensorSpec(tuple(shapes[name]), canonical_dtype(dtype))
+        if len(spec.shape) != 3 or spec.shape[1:] != (cells, cells):
+            raise ValueError(f"shapes[{name!r}]={spec.shape} must be (channels, {cells}, {cells})")
+        specs[name] = spec
     return specs
 
 
@@ -113,7 +119,9 @@ def latents_schema(shapes: Mapping[str, tuple[int, ...]], dtype: str = "float16"
 
     Args:
         shapes: per-row shape of each tensor column: ``effnet`` (16,h,w), optional ``stage_a`` (4,H/4,W/4),
-            ``clip_text`` (77,1280), ``clip_text_pooled`` (1,1280), ``clip_img`` (768,) — tiny flavors differ.
+            ``clip_text`` (77,1280), ``clip_text_pooled`` (1,1280), ``clip_img`` (768,) — tiny flavors differ —
+            and optional ``stage_b_effnet_{s}`` (16,s,s) Stage B conditioning latents (after the others,
+            ascending ``s``).
         dtype: ``float16`` (default), ``bfloat16`` (stored as uint16 bit patterns) or ``float32``.
     """
     specs = _tensor_specs(shapes, dtype)

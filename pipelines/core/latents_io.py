@@ -37,7 +37,14 @@ import safetensors
 from pipelines.core.shards import safe_key
 from pipelines.core.storage import write_bytes
 from schemas import columns as c
-from schemas.core import METADATA_KEYS, PREPROCESSING_HASH_KEY, SCHEMA_KEY, FileMetadata, attach_metadata
+from schemas.core import (
+    METADATA_KEYS,
+    OPTIONAL_METADATA_KEYS,
+    PREPROCESSING_HASH_KEY,
+    SCHEMA_KEY,
+    FileMetadata,
+    attach_metadata,
+)
 from schemas.records import latents_schema
 from schemas.specs import canonical_dtype
 from schemas.tensors import tensor_array, tensor_to_numpy
@@ -62,8 +69,9 @@ def to_latent_table(
 
     Args:
         rows: column -> values: the scalar columns of latents@1 as 1-D sequences, tensor columns
-            (``effnet``, ``clip_text``, ``clip_text_pooled``, ``clip_img``, optional ``stage_a``) as (N, *shape)
-            float arrays (uint16 arrays are taken as bfloat16 bit patterns).
+            (``effnet``, ``clip_text``, ``clip_text_pooled``, ``clip_img``, optional ``stage_a`` and
+            ``stage_b_effnet_{s}``) as (N, *shape) float arrays (uint16 arrays are taken as bfloat16 bit
+            patterns).
         dtype: storage dtype: ``float16`` (default), ``bfloat16`` or ``float32``.
         metadata: encoder flavors, weights sha256 and preprocessing hash; schema id and tensor shapes are
             filled in from the schema.
@@ -73,10 +81,10 @@ def to_latent_table(
             that are not finite in ``dtype`` (e.g. fp16 overflow).
     """
     dtype = canonical_dtype(dtype)
-    unknown = sorted(set(rows) - set(SCALAR_COLUMNS) - set(c.LATENT_TENSOR_COLUMNS))
+    unknown = sorted(n for n in rows if n not in SCALAR_COLUMNS and not c.is_latent_tensor_column(n))
     if unknown:
         raise ValueError(f"rows has column(s) {unknown} that latents@1 does not store")
-    tensors = {name: np.asarray(rows[name]) for name in c.LATENT_TENSOR_COLUMNS if name in rows}
+    tensors = {name: np.asarray(values) for name, values in rows.items() if c.is_latent_tensor_column(name)}
     shapes = {name: values.shape[1:] for name, values in tensors.items()}
     schema = latents_schema(shapes, dtype)  # ValueError on missing tensor columns or bad ranks
     missing = [name for name in SCALAR_COLUMNS if name not in rows]
@@ -146,7 +154,8 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 def file_metadata_json(table: pa.Table, member_format: str) -> dict[str, Any]:
     """``__metadata__.json`` of a tar: the ``cascade.*`` keys with JSON values, member format, sample count."""
-    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items() if k.decode() in METADATA_KEYS}
+    keys = (*METADATA_KEYS, *OPTIONAL_METADATA_KEYS)
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items() if k.decode() in keys}
     out: dict[str, Any] = {k: v if k in _TEXT_KEYS else json.loads(v) for k, v in meta.items()}
     return out | {MEMBER_FORMAT_KEY: member_format, NUM_SAMPLES_KEY: table.num_rows}
 

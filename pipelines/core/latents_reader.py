@@ -37,6 +37,7 @@ from pipelines.core.latents_io import (
 from schemas import columns as c
 from schemas.core import (
     METADATA_KEYS,
+    OPTIONAL_METADATA_KEYS,
     FileMetadata,
     RecordSchema,
     SchemaMismatchError,
@@ -304,10 +305,14 @@ def _columns(columns: Sequence[str] | None) -> list[str] | None:
     if columns is None:
         return None
     known = (*SCALAR_COLUMNS, *c.LATENT_TENSOR_COLUMNS)
-    unknown = [name for name in columns if name not in known]
+    unknown = [name for name in columns if name not in known and c.stage_b_effnet_cells(name) is None]
     if unknown:
-        raise ValueError(f"columns={list(columns)}: unknown {unknown}; latents@1 has {list(known)}")
-    return [name for name in known if name == c.KEY or name in columns]  # schema order, key always
+        raise ValueError(
+            f"columns={list(columns)}: unknown {unknown}; latents@1 has {list(known)} and, optionally, "
+            f"{c.STAGE_B_EFFNET_PREFIX}{{cells}}"
+        )
+    stage_b = [c.stage_b_effnet_column(s) for s in c.stage_b_cells_of(columns)]
+    return [name for name in known if name == c.KEY or name in columns] + stage_b  # schema order, key always
 
 
 @contextlib.contextmanager
@@ -349,7 +354,8 @@ def _tar_header(
     if first is None or first.name != METADATA_MEMBER:
         raise LatentFileError(f"{uri}: first member is {first and first.name!r}, expected {METADATA_MEMBER}")
     header = json.loads(_read(tar, first))
-    arrow = {k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items() if k in METADATA_KEYS}
+    keys = (*METADATA_KEYS, *OPTIONAL_METADATA_KEYS)
+    arrow = {k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items() if k in keys}
     try:
         meta = FileMetadata.from_arrow(arrow)
     except ValueError as err:

@@ -1,5 +1,6 @@
 """The model steps of the encode pipeline: one actor pool per model (EfficientNet, Stage A, CLIP-bigG text,
-CLIP-L image).
+CLIP-L image). With Stage B conditioning on, the EfficientNet actor also encodes the resized Stage A crops
+(``EncodeEffnetStageB``): one effnet per actor, the same weights and autocast for both.
 
 Each step loads its model once per actor, runs it on sub-batches of equal shape (aspect buckets give ragged
 batches), and returns float32 arrays; the writer converts them to the stored dtype once.
@@ -7,13 +8,16 @@ batches), and returns float32 arrays; the writer converts them to the stored dty
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipelines.core.step import Batch, Step, healthy, object_column
-from pipelines.encode.steps import PIXELS, STAGE_A_PIXELS, has_value, tensor_column
+from pipelines.encode.stage_b import resize_nearest
+from pipelines.encode.steps import PIXELS, STAGE_A_PIXELS, STAGE_B_FLAT, has_value, tensor_column
 from schemas.columns import CAPTION, CLIP_IMG, CLIP_TEXT, CLIP_TEXT_POOLED, EFFNET, KEY, SOURCE, STAGE_A
 
 
@@ -75,18 +79,21 @@ class _ModelStep(Step):
         torch = self.torch
         n = len(batch[KEY])
         outputs = {c: [None] * n for c in self.output_columns}
-        device = torch.device(self.config.device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16_autocast)
         for rows in self._groups(batch):
             for start in range(0, len(rows), self.config.batch_size):
                 chunk = rows[start : start + self.config.batch_size]
-                with torch.no_grad(), autocast:
+                with torch.no_grad(), self._autocast():
                     results = self._run(self._inputs(batch, chunk))
                 for column, result in zip(self.output_columns, results, strict=True):
                     values = result.float().cpu().numpy()
                     for j, i in enumerate(chunk):
                         outputs[column][i] = values[j]
         return batch | {c: tensor_column(c, v) for c, v in outputs.items()}
+
+    def _autocast(self) -> Any:
+        torch = self.torch
+        device = torch.device(self.config.device)
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16_autocast)
 
     def _groups(self, batch: Batch) -> list[list[int]]:
         return list(_by_shape(batch, self.source_column).values())
@@ -104,6 +111,53 @@ class EncodeEffnet(_ModelStep):
 
     def _run(self, pixels: Any) -> tuple[Any, ...]:
         return (self.model.encode(pixels),)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EffnetStageBConfig(EncoderConfig):
+    """The effnet encoder plus the Stage B conditioning sizes it also encodes (``pipelines.encode.stage_b``)."""
+
+    stage_b_cells: tuple[int, ...]
+
+    @classmethod
+    def of(cls, effnet: EncoderConfig, cells: Sequence[int]) -> EffnetStageBConfig:
+        """``effnet`` (the encode config's effnet encoder) with the stored sizes ``cells``."""
+        fields = {f.name: getattr(effnet, f.name) for f in dataclasses.fields(EncoderConfig)}
+        return cls(**fields, stage_b_cells=tuple(cells))
+
+
+class EncodeEffnetStageB(EncodeEffnet):
+    """The effnet latent of the crop, and of the Stage A crop resized with NEAREST to 32s×32s px for every
+    stored s (official train_b.py's conditioning), flattened into ``STAGE_B_FLAT`` in ascending s.
+
+    Rows are batched by Stage A crop size (one size per file); each stored s is one effnet call per chunk of
+    ``batch_size`` rows.
+    """
+
+    requires = (PIXELS, STAGE_A_PIXELS)
+    produces = (EFFNET, STAGE_B_FLAT)
+
+    def __call__(self, batch: Batch) -> Batch:
+        out = super().__call__(batch)
+        flat: list[Any] = [None] * len(batch[KEY])
+        size = self.config.batch_size
+        for rows in _by_shape(batch, STAGE_A_PIXELS).values():
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
+                stacked = np.stack([batch[STAGE_A_PIXELS][i] for i in chunk])
+                values = self._stage_b(self.torch.from_numpy(stacked).to(self.config.device))
+                for j, i in enumerate(chunk):
+                    flat[i] = values[j]
+        return out | {STAGE_B_FLAT: tensor_column(STAGE_B_FLAT, flat)}
+
+    def _stage_b(self, pixels_bchw: Any) -> np.ndarray:
+        torch = self.torch
+        parts = []
+        for cells in self.config.stage_b_cells:
+            with torch.no_grad(), self._autocast():
+                latents = self.model.encode(resize_nearest(pixels_bchw, cells))
+            parts.append(latents.float().flatten(1))
+        return torch.cat(parts, dim=1).cpu().numpy()
 
 
 class EncodeStageA(_ModelStep):

@@ -3,6 +3,8 @@
 Pipeline (Ray Data, streaming with backpressure): shard rows → ``EncodeRead`` (tasks) →
 ``PreprocessImages`` (CPU tasks: decode, crop, bucket) → one actor pool per model (effnet, optional
 Stage A, CLIP-bigG text, CLIP-L image) → ``WriteLatentParts`` (tasks). CPU decoding overlaps model work.
+With Stage A latents, the effnet actors also store Stage B's conditioning latents (``stage_b_conditioning``,
+``pipelines.encode.stage_b``).
 
 The read task of a shard opens that shard's kept keys and stored CLIP-L embeddings by name
 (``pipelines.core.by_shard``): no scan of the whole filter or score output.
@@ -35,8 +37,11 @@ from pipelines.core.sources import SourceConfig, unique_shards
 from pipelines.core.step import Resources
 from pipelines.core.storage import write_bytes
 from pipelines.core.validate import ValidateConfig
+from pipelines.encode import stage_b
 from pipelines.encode.models import (
+    EffnetStageBConfig,
     EncodeEffnet,
+    EncodeEffnetStageB,
     EncodeImage,
     EncoderConfig,
     EncodeStageA,
@@ -69,6 +74,13 @@ class EncodeConfig:
         validate: the ingest's sample checks, applied again (bad rows from upstream become rejects).
         effnet, clip_text, clip_image, stage_a: the encoders (``stage_a`` None: no Stage A latents). Required:
             released flavors need their weights; ``*/tiny`` flavors are seeded random weights for tests.
+        stage_b_conditioning: Stage B training's effnet conditioning, stored next to the Stage A latents:
+            ``exact`` (default with Stage A: the effnet latent of the Stage A crop resized with NEAREST to
+            every size official training draws, ⌊n/2⌋…n−1 cells for an n-cell crop, 16…31 at 1024 px),
+            ``subset`` (only ``stage_b_cells``; training takes the nearest stored size) or ``none``. Without
+            Stage A it must be ``none`` or unset. Columns ``stage_b_effnet_{s}``, by the effnet encoder.
+        stage_b_cells: the sizes (latent cells) ``subset`` stores, ascending, each in [⌊n/2⌋, n−1];
+            default (n/2, 3n/4, n−1), i.e. (16, 24, 31) at 1024 px.
         dtype: stored tensor dtype: ``float16`` (default), ``bfloat16`` or ``float32``.
         formats: any of ``parquet`` and ``webdataset``; both are written from the same table.
         member_format: WebDataset tensor members: ``npy`` or ``safetensors``.
@@ -92,6 +104,8 @@ class EncodeConfig:
         default_factory=lambda: EncoderConfig(flavor="clip_vision/tiny")
     )
     stage_a: EncoderConfig | None = None
+    stage_b_conditioning: str | None = None
+    stage_b_cells: tuple[int, ...] | None = None
     dtype: str = "float16"
     formats: tuple[str, ...] = ("parquet", "webdataset")
     member_format: str = "npy"
@@ -123,6 +137,31 @@ class EncodeConfig:
             encoder = getattr(self, role)
             if encoder is not None and not encoder.flavor.startswith(family):
                 raise ValueError(f"{role}.flavor={encoder.flavor!r} is not a {family} flavor")
+        if isinstance(self.stage_b_cells, list):  # from YAML
+            object.__setattr__(self, "stage_b_cells", tuple(self.stage_b_cells))
+        _ = self.stored_stage_b_cells  # a bad Stage B config: ValueError naming the field
+
+    @property
+    def stage_b_mode(self) -> str:
+        """``stage_b_conditioning`` with its default filled in (``exact`` with Stage A, else ``none``)."""
+        return stage_b.effective_mode(self.stage_b_conditioning, self.stage_a is not None)
+
+    @property
+    def stored_stage_b_cells(self) -> tuple[int, ...]:
+        """The Stage B sizes (latent cells) this config stores: one ``stage_b_effnet_{s}`` column each."""
+        return stage_b.resolve(self.stage_b_conditioning, self.stage_b_cells, self.stage_a is not None,
+                               self.preprocess.stage_a_size_px)  # fmt: skip
+
+    def stage_b_metadata(self) -> dict[str, Any]:
+        """``cascade.stage_b_conditioning`` of the files ({} without Stage B columns)."""
+        cells = self.stored_stage_b_cells
+        if not cells:
+            return {}
+        from stages.flavors import get_flavor
+
+        channels = get_flavor(self.effnet.flavor).config.c_latent
+        return stage_b.conditioning_metadata(self.stage_b_mode, cells, self.preprocess.stage_a_size_px,
+                                             channels, self.dtype)  # fmt: skip
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -156,7 +195,7 @@ def encode_plan(config: EncodeConfig, write: WriteConfig, read: ReadConfig | Non
     steps = [
         PlannedStep(EncodeRead, read, config.read_resources),
         PlannedStep(PreprocessImages, prep, config.preprocess_resources),
-        PlannedStep(EncodeEffnet, config.effnet, config.effnet_resources),
+        _effnet_step(config),
     ]
     if config.stage_a is not None:
         steps.append(PlannedStep(EncodeStageA, config.stage_a, config.stage_a_resources))
@@ -170,12 +209,26 @@ def encode_plan(config: EncodeConfig, write: WriteConfig, read: ReadConfig | Non
     return plan
 
 
+def _effnet_step(config: EncodeConfig) -> PlannedStep:
+    """The effnet actor pool; with Stage B sizes to store, the same actors encode them (one effnet each)."""
+    cells = config.stored_stage_b_cells
+    if not cells:
+        return PlannedStep(EncodeEffnet, config.effnet, config.effnet_resources)
+    return PlannedStep(
+        EncodeEffnetStageB, EffnetStageBConfig.of(config.effnet, cells), config.effnet_resources
+    )
+
+
 def preprocessing_spec(config: EncodeConfig) -> dict[str, Any]:
-    """Everything that changes the stored values besides the weights (hashed into every file's metadata)."""
+    """Everything that changes the stored values besides the weights (hashed into every file's metadata).
+
+    ``stage_b_conditioning`` is present only when Stage B columns are stored, so caches without them keep
+    their hash.
+    """
     from stages.flavors import get_flavor
 
     vision = get_flavor(config.clip_image.flavor).config
-    return {
+    spec = {
         "effnet": config.preprocess.spec(),
         "clip_image": vision.preprocess_spec(),
         "clip_text": {
@@ -188,6 +241,10 @@ def preprocessing_spec(config: EncodeConfig) -> dict[str, Any]:
         "dtype": config.dtype,
         "clip_image_source": "scores" if config.scores_dir else "encode crop",
     }
+    if config.stored_stage_b_cells:
+        spec["stage_b_conditioning"] = {"mode": config.stage_b_mode, "cells": list(config.stored_stage_b_cells),
+                                        "resize": "nearest", "input": "stage_a crop"}  # fmt: skip
+    return spec
 
 
 def read_config(config: EncodeConfig, store: CommitStore) -> ReadConfig:
@@ -208,12 +265,19 @@ def fingerprint(metadata: Any) -> dict[str, Any]:
             "encoder_flavors": metadata.encoder_flavors}  # fmt: skip
 
 
+def write_config(config: EncodeConfig) -> WriteConfig:
+    """The writer's config: the files' metadata (fingerprint, Stage B conditioning) and what the rows carry."""
+    metadata = fingerprint_metadata(config.encoders(), preprocessing_spec(config))
+    metadata = dataclasses.replace(metadata, stage_b_conditioning=config.stage_b_metadata())
+    return WriteConfig(output_dir=config.output_dir, metadata=metadata, dtype=config.dtype, formats=config.formats,
+                       member_format=config.member_format, stage_a=config.stage_a is not None,
+                       stage_b_cells=config.stored_stage_b_cells, endpoint_url=config.output_endpoint_url)  # fmt: skip
+
+
 def run_encode(config: EncodeConfig) -> EncodeSummary:
     """Encode every uncommitted shard on the current Ray cluster, committing shards as they complete."""
-    metadata = fingerprint_metadata(config.encoders(), preprocessing_spec(config))
-    write = WriteConfig(output_dir=config.output_dir, metadata=metadata, dtype=config.dtype, formats=config.formats,
-                        member_format=config.member_format, stage_a=config.stage_a is not None,
-                        endpoint_url=config.output_endpoint_url)  # fmt: skip
+    write = write_config(config)
+    metadata = write.metadata
     encode_plan(config, write)  # config errors surface before any storage or cluster work
     store = CommitStore(config.output_dir, config.storage_options)
     shards = unique_shards(config.shards)
@@ -259,6 +323,7 @@ def _finish(config: EncodeConfig, output: JobOutput, metadata: Any, new: dict, s
         weights_sha256=metadata.weights_sha256, preprocessing_hash=metadata.preprocessing_hash,
         preprocessing=preprocessing_spec(config), dtype=config.dtype, formats=list(config.formats),
         member_format=config.member_format, empty_caption="empty_caption.safetensors",
+        stage_b_conditioning=config.stage_b_metadata() or {"mode": "none", "cells": [], "bytes_per_sample": 0},
         summary=dataclasses.asdict(summary), buckets=bucket_shapes(store, records.values(), config.formats[0]),
     )  # fmt: skip
     return summary

@@ -40,9 +40,14 @@ from schemas.columns import (
 
 PIXELS = "pixels"  # (3, h, w) float32 in [0, 1]: the effnet input after crop/bucket
 STAGE_A_PIXELS = "stage_a_pixels"  # (3, 1024, 1024) float32: the Stage A input
+# (Σ 16·s²,) float32: the Stage B effnet latents of every stored size s, flattened and concatenated in
+# ascending s; the writer splits it into the stage_b_effnet_{s} columns (one column whatever the sizes, so
+# the plan check knows it).
+STAGE_B_FLAT = "stage_b_flat"
 # Rank of every per-row tensor column. Rows without a value (rejected, or not computed yet) hold an empty
 # array of that rank instead of None, so Ray Data sees one tensor type per column across all batches.
-RANKS = {PIXELS: 3, STAGE_A_PIXELS: 3, EFFNET: 3, STAGE_A: 3, CLIP_TEXT: 2, CLIP_TEXT_POOLED: 1, CLIP_IMG: 1}
+RANKS = {PIXELS: 3, STAGE_A_PIXELS: 3, EFFNET: 3, STAGE_A: 3, CLIP_TEXT: 2, CLIP_TEXT_POOLED: 1, CLIP_IMG: 1,
+         STAGE_B_FLAT: 1}  # fmt: skip
 
 
 def empty(column: str) -> np.ndarray:

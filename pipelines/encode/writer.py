@@ -23,6 +23,7 @@ from pipelines.core.sink import part_name, rows_by_shard, stage_rejects
 from pipelines.core.sources import caption_text
 from pipelines.core.step import Batch, Step, object_column
 from pipelines.encode.models import EncoderConfig
+from pipelines.encode.steps import STAGE_B_FLAT
 from schemas import FileMetadata
 from schemas import columns as c
 
@@ -33,7 +34,7 @@ FOLDERS = {"parquet": ("parquet", ".parquet"), "webdataset": ("webdataset", ".ta
 
 @dataclass(frozen=True, kw_only=True)
 class WriteConfig:
-    """Where and how the latent parts are staged."""
+    """Where and how the latent parts are staged (``stage_b_cells``: the Stage B sizes the rows carry)."""
 
     output_dir: str
     metadata: FileMetadata
@@ -41,6 +42,7 @@ class WriteConfig:
     formats: tuple[str, ...] = ("parquet", "webdataset")
     member_format: str = "npy"
     stage_a: bool = False
+    stage_b_cells: tuple[int, ...] = ()
     endpoint_url: str | None = None
 
     @property
@@ -73,7 +75,8 @@ class WriteLatentParts(Step):
 
     @classmethod
     def required_columns(cls, config: WriteConfig) -> tuple[str, ...]:
-        return (*cls.requires, c.STAGE_A) if config.stage_a else cls.requires
+        extra = ((c.STAGE_A,) if config.stage_a else ()) + ((STAGE_B_FLAT,) if config.stage_b_cells else ())
+        return (*cls.requires, *extra)
 
     def _rows(self, batch: Batch, rows: list[int]) -> dict[str, np.ndarray]:
         out = {name: batch[name][rows] for name in LATENT_SCALARS if name not in (c.SOURCE_SHARD, c.CAPTION)}
@@ -86,7 +89,10 @@ class WriteLatentParts(Step):
             c.CLIP_IMG,
             *((c.STAGE_A,) if self.config.stage_a else ()),
         )
-        return out | {name: np.stack([batch[name][i] for i in rows]).astype(np.float32) for name in tensors}
+        out |= {name: np.stack([batch[name][i] for i in rows]).astype(np.float32) for name in tensors}
+        if self.config.stage_b_cells:
+            out |= split_stage_b(np.stack([batch[STAGE_B_FLAT][i] for i in rows]), self.config.stage_b_cells)
+        return out
 
     def __call__(self, batch: Batch) -> Batch:
         cfg: WriteConfig = self.config
@@ -108,6 +114,19 @@ class WriteLatentParts(Step):
                 summary.count(shard, n_encoded=len(rows), **{f"bucket:{bucket}": len(rows)})
             stage_rejects(store, summary, shard, batch, bad)
         return summary.batch()
+
+
+def split_stage_b(flat: np.ndarray, cells: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """(N, Σ C·s²) concatenated Stage B latents -> ``{stage_b_effnet_{s}: (N, C, s, s)}`` float32."""
+    area = sum(s * s for s in cells)
+    channels, rest = divmod(flat.shape[1], area)
+    assert rest == 0 and channels > 0, (flat.shape, cells)
+    out, start = {}, 0
+    for s in cells:
+        stop = start + channels * s * s
+        out[c.stage_b_effnet_column(s)] = flat[:, start:stop].reshape(-1, channels, s, s).astype(np.float32)
+        start = stop
+    return out
 
 
 def weights_fingerprint(encoder: EncoderConfig) -> str:

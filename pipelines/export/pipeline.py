@@ -121,8 +121,9 @@ class ExportConfig:
         format: the cache's file format to read: ``parquet`` (default) or ``webdataset``.
         dtype: exported tensor dtype, ``float16`` (default) or ``float32``; bfloat16 has no portable Parquet
             type (float32 holds bfloat16 caches exactly).
-        columns: tensor columns to export (subset of effnet, stage_a, clip_text, clip_text_pooled, clip_img);
-            None: all the cache has. Key, caption and the scalar columns are always exported.
+        columns: tensor columns to export (subset of effnet, stage_a, clip_text, clip_text_pooled, clip_img,
+            and the cache's Stage B conditioning columns ``stage_b_effnet_{s}``); None: all the cache has
+            but the Stage B ones (exported only by name). Key, caption and the scalar columns always are.
         rows_per_file: most rows per Parquet file (2000 real fp16 rows ≈ 430 MB without Stage A).
         buckets: buckets (``WxH`` latent cells) to export; None: all.
         endpoint_url: S3 endpoint of the cache; output_endpoint_url: S3 endpoint of the output.
@@ -160,7 +161,10 @@ class ExportConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; allowed: {', '.join(DTYPES)}")
         _check_subset(
-            "columns", self.columns, lambda v: v in TENSOR_COLUMNS, f"any of {list(TENSOR_COLUMNS)}"
+            "columns",
+            self.columns,
+            lambda v: isinstance(v, str) and c.is_latent_tensor_column(v),
+            f"any of {list(TENSOR_COLUMNS)} or {c.STAGE_B_EFFNET_PREFIX}{{cells}}",
         )
         _check_subset("buckets", self.buckets, lambda v: bool(_BUCKET.match(str(v))), "'WxH' latent cells")
         if isinstance(self.rows_per_file, bool) or not isinstance(self.rows_per_file, int):
@@ -425,12 +429,15 @@ class ExportShards(Step):
 
 
 def _columns(config: ExportConfig, meta: FileMetadata) -> list[str]:
-    """The tensor columns to export, in schema order."""
-    have = [name for name in TENSOR_COLUMNS if name in meta.tensor_shapes]
+    """The tensor columns to export, in schema order (Stage B conditioning columns only when named)."""
+    stage_b = [c.stage_b_effnet_column(s) for s in c.stage_b_cells_of(meta.tensor_shapes)]
+    have = [name for name in TENSOR_COLUMNS if name in meta.tensor_shapes] + stage_b
     lacking = sorted(set(config.columns or ()) - set(have))
     if lacking:
         raise ValueError(f"columns={list(config.columns or ())!r}: the cache has no {lacking}; it has {have}")
-    return [name for name in have if config.columns is None or name in config.columns]
+    if config.columns is None:
+        return [name for name in have if name not in stage_b]
+    return [name for name in have if name in config.columns]
 
 
 def _shapes(meta: FileMetadata, config: ExportConfig | None) -> dict[str, list[int]]:
@@ -456,6 +463,7 @@ def _export_bucket(task: ExportTaskConfig, unit: str, bucket: str, uris: list[st
         encoder_flavors=meta.encoder_flavors,
         weights_sha256=meta.weights_sha256,
         preprocessing_hash=meta.preprocessing_hash,
+        stage_b_conditioning=meta.stage_b_conditioning if _stage_b(tensors) else {},
     )
     expect = replace(file_meta, tensor_shapes=meta.tensor_shapes)
     row_bytes = sum(math.prod(s) for s in _shapes(meta, config).values()) * np.dtype(config.dtype).itemsize
@@ -538,9 +546,10 @@ def model_metadata(
     """The ``cascade.model`` JSON: flavors, weights, preprocessing, and per tensor column its shape, dtype,
     meaning, scale and how to decode it (shapes are per file: ``bucket`` None describes the effnet as 16×h×w)."""
     tensors: dict[str, Any] = {}
-    for name in _columns(config, meta):
-        role = _ROLES[name]
-        meaning, decode = _DOCS[name]
+    names = _columns(config, meta)
+    for name in names:
+        role = _ROLES.get(name, "effnet")  # stage_b_effnet_{s}: the effnet encoder's
+        meaning, decode = _DOCS[name] if name in _DOCS else _stage_b_doc(name)
         shape: list[int | str] = list(meta.tensor_shapes[name].shape)
         if bucket is None and name in (c.EFFNET, c.STAGE_A):
             shape = [shape[0], "h" if name == c.EFFNET else "H/4", "w" if name == c.EFFNET else "W/4"]
@@ -566,7 +575,21 @@ def model_metadata(
         "preprocessing": cache.get("preprocessing"),
         "tensors": tensors,
         "empty_caption": _empty_caption_doc(empty_caption),
-    }
+    } | ({"stage_b_conditioning": dict(meta.stage_b_conditioning)} if _stage_b(names) else {})
+
+
+def _stage_b(names: Sequence[str]) -> bool:
+    return any(c.stage_b_effnet_cells(name) is not None for name in names)
+
+
+def _stage_b_doc(name: str) -> tuple[str, str]:
+    s = c.stage_b_effnet_cells(name)
+    return (
+        f"Stage B conditioning: EfficientNetV2-S latent (16×{s}×{s}, the effnet column's encoder) of the Stage A "
+        f"crop resized with NEAREST to {32 * s}×{32 * s} px, as official train_b.py draws it (factor f ~ U(0.5, 1), "
+        "size ⌊S·f/32⌋·32); stage_b_conditioning tells the stored sizes and the draw",
+        "a conditioning input of Stage B (its `effnet`), not decoded",
+    )
 
 
 def _empty_caption_doc(name: str | None) -> dict[str, Any] | None:
