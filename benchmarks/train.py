@@ -31,7 +31,7 @@ Then one fresh process per set, with ``--threads`` torch threads for everything,
      ``cached_step_with_read_s``;
    - on the fly (official ``train_c``): effnet on the full batch of crops (ImageNet-normalised inside
      ``encode``), CLIP-bigG text on the full batch of captions with 5% replaced by "", CLIP-L vision on the
-     samples drawn with probability 10%, all under no_grad; then ``stage_c_loss`` + backward + AdamW step.
+     samples drawn with probability 10%, all under no_grad; then ``diffusion_loss`` + backward + AdamW step.
    The speed-up is on-the-fly step / (cached step + cache read).
 
 Finally ``run_train`` (a real Ray Train run: 1 worker, Ray Data reading the cache) trains ``--ray-steps``
@@ -183,7 +183,7 @@ def on_the_fly_step(
     loop: Any, encoders: dict[str, Any], pixels: torch.Tensor, captions: list[str], rng: np.random.Generator
 ) -> dict[str, float]:
     """The official train_c step: encoders under no_grad with the official draws, then the same update."""
-    from stages.objective import CAPTION_DROPOUT, CLIP_IMG_PROBABILITY, stage_c_loss
+    from stages.objective import CAPTION_DROPOUT, CLIP_IMG_PROBABILITY, diffusion_loss
 
     b = len(captions)
     drop = rng.random(b) < CAPTION_DROPOUT
@@ -199,7 +199,7 @@ def on_the_fly_step(
                 img[use_img] = encoders["clip_image"](pixels[use_img])
         conditions = {"clip_text": text, "clip_text_pooled": pooled, "clip_img": img.unsqueeze(1)}
         autocast = torch.bfloat16 if loop.config.bf16_autocast else None
-        out = stage_c_loss(loop.model, loop.gdf, latents, conditions, autocast_dtype=autocast)
+        out = diffusion_loss(loop.model, loop.gdf, latents, conditions, autocast_dtype=autocast)
         _optimizer_step(loop, out.loss)
     return {"step_s": step.wall, "step_cpu_s": step.cpu, "encoder_s": enc.wall, "encoder_cpu_s": enc.cpu,
             "clip_images": int(use_img.sum())}  # fmt: skip
@@ -290,7 +290,7 @@ def measure(size: str, cache: str, samples: list, settings: Settings, queue: Any
         spec = read_spec(config, plan)
         with Clock() as read:
             cached = [mb for window in plan.windows for mb in window_micro_batches(window, spec)]
-        loop = TrainLoop(config, World(), plan.cache.empty_caption)
+        loop = TrainLoop(config, World(), plan.cache.empty_caption, plan.columns)
     rng = np.random.default_rng(config.seed)
     timed: dict[str, list[dict[str, float]]] = {"cached": [], "on_the_fly": []}
     for i in range(warmup + steps):

@@ -96,6 +96,9 @@ JOBS: dict[str, Job] = {
     "train-controlnet": Job("train-controlnet", TrainConfig, run_train, True,
                             "train a ControlNet (canny, inpainting, super-resolution) on a frozen Stage C",
                             ("mode=controlnet",), check_train),
+    "train-b": Job("train-b", TrainConfig, run_train, True,
+                   "train Stage B on cached Stage A latents and their effnet conditioning (official train_b)",
+                   ("mode=stage_b",), check_train),
 }  # fmt: skip
 
 

@@ -1,8 +1,9 @@
-"""``cascade train-c`` / ``train-lora`` / ``train-controlnet``: Ray Train on a latent cache.
+"""``cascade train-c`` / ``train-lora`` / ``train-controlnet`` / ``train-b``: Ray Train on a latent cache.
 
 ``check_train`` runs before Ray starts and refuses a bad config with the field named: an unknown flavor, a
-missing cache or weights file, a cache whose tensor shapes do not fit the model, a ControlNet that does not
-fit the Stage C, a resume checkpoint from another run. ``run_train`` then plans the data (see
+missing cache or weights file, a cache whose tensor shapes do not fit the model, a failed check of the
+mode's training spec (``jobs.specs``: a ControlNet that does not fit the Stage C, a preview decoder that does
+not decode the model's latents), a resume checkpoint from another run. ``run_train`` then plans the data (see
 ``pipelines.train_data.batches``), builds one ordered Ray Dataset per rank and fits a ``TorchTrainer`` whose workers
 run ``jobs.train_loop.TrainLoop`` (DDP on gloo or nccl; FSDP on request). Checkpoints are Ray Train
 checkpoints named ``checkpoint_<step>`` under ``{output_dir}/{experiment_id}``; a rerun of the same config
@@ -18,6 +19,8 @@ from typing import Any
 
 import fsspec
 
+from jobs.specs import get_spec
+from jobs.specs.spec import check_cache_columns
 from jobs.train_checkpoint import complete_state
 from jobs.train_config import TrainConfig
 from pipelines.core.notice import notice
@@ -31,7 +34,6 @@ from pipelines.train_data.batches import (
     rank_datasets,
 )
 from pipelines.train_data.crops import crop_spec
-from schemas import columns as c
 from stages.flavors import get_flavor
 
 RESUME_FIELDS = ("mode", "flavor", "seed", "batch_size")
@@ -40,6 +42,7 @@ RESUME_FIELDS = ("mode", "flavor", "seed", "batch_size")
 @dataclass(frozen=True)
 class TrainPlan:
     cache: Cache
+    columns: dict[str, tuple[int, ...]]  # what the spec reads, with the shapes checked against the cache
     windows: list[WindowPlan]
     resume: str | None
     start_step: int
@@ -71,46 +74,6 @@ def _exists(field: str, uri: str | None, options: dict[str, Any]) -> None:
         raise FileNotFoundError(f"{field}={uri!r} does not exist")
 
 
-def _check_shapes(config: TrainConfig, cache: Cache) -> None:
-    """The cache's tensors must be what the Stage C flavor consumes."""
-    model = get_flavor(config.flavor).config
-    wanted = {
-        c.EFFNET: (model.c_in,),
-        c.CLIP_TEXT: (77, model.c_clip_text),
-        c.CLIP_TEXT_POOLED: (model.c_clip_text_pooled,),
-        c.CLIP_IMG: (model.c_clip_img,),
-    }
-    shapes = cache.shapes
-    for name, shape in wanted.items():
-        if shapes.get(name) != shape:
-            raise ValueError(
-                f"flavor={config.flavor!r} expects {name} of shape {shape}, but data.path={config.data.path!r} "
-                f"holds {shapes.get(name)} (encoded with {dict(cache.metadata.encoder_flavors)})"
-            )
-
-
-def _check_controlnet(config: TrainConfig) -> None:
-    from stages.control_inputs import CONTROL_KINDS
-
-    cn = config.controlnet
-    if cn is None:
-        return
-    cnet = _flavor("controlnet.flavor", cn.flavor).config
-    stage_c = get_flavor(config.flavor)
-    n_blocks = stage_c.build(device="meta").count_resblocks()
-    if cnet.c_proj != stage_c.config.c_hidden[0] or max(cnet.proj_blocks) >= n_blocks:
-        raise ValueError(
-            f"controlnet.flavor={cn.flavor!r} (c_proj {cnet.c_proj}, blocks {list(cnet.proj_blocks)}) does not fit "
-            f"flavor={config.flavor!r} (c_hidden {stage_c.config.c_hidden[0]}, {n_blocks} ResBlocks)"
-        )
-    if cnet.c_in != CONTROL_KINDS[cn.kind]:
-        raise ValueError(
-            f"controlnet.flavor={cn.flavor!r} takes {cnet.c_in} channels, {cn.kind} gives {CONTROL_KINDS[cn.kind]}"
-        )
-    if cn.kind == "super_resolution":
-        _flavor("controlnet.effnet", cn.effnet)
-
-
 def latest_checkpoint(config: TrainConfig) -> tuple[str | None, dict[str, Any] | None]:
     """The newest complete ``checkpoint_*`` directory of this run (URI) and its trainer state, if any (one
     that a killed run left half persisted is passed over, with a notice)."""
@@ -129,16 +92,13 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
 
 def check_train(config: TrainConfig) -> TrainPlan:
     """Every check that can fail before a worker starts; returns the data plan and the resume point."""
+    spec = get_spec(config.mode)
     _flavor("flavor", config.flavor)
     _exists("weights", config.weights, {})
-    preview = _flavor("preview.previewer", config.preview.previewer)
-    if config.preview.every and preview.config.c_in != get_flavor(config.flavor).config.c_in:
-        raise ValueError(
-            f"preview.previewer={config.preview.previewer!r} does not decode {config.flavor} latents"
-        )
-    _check_controlnet(config)
+    for check in spec.checks:
+        check(config)
     cache = open_cache(config.data)
-    _check_shapes(config, cache)
+    columns = check_cache_columns(spec, config, cache)
     resume, state = latest_checkpoint(config)
     start = 0
     if state is not None:
@@ -155,16 +115,17 @@ def check_train(config: TrainConfig) -> TrainPlan:
             cache.files, seed=config.seed, global_batch=config.batch_size, max_steps=config.max_steps,
             window_files=config.data.shuffle_window_files, start_step=start,
         )  # fmt: skip
-    return TrainPlan(cache, windows, resume, start)
+    return TrainPlan(cache, columns, windows, resume, start)
 
 
 def read_spec(config: TrainConfig, plan: TrainPlan) -> ReadSpec:
     return ReadSpec(
-        files=plan.cache.files, format=config.data.format, storage_options=config.data.storage_options,
+        files=plan.cache.files, columns=tuple(plan.columns), format=config.data.format,
+        storage_options=config.data.storage_options,
         seed=config.seed, micro_batch=config.micro_batch, accum=config.grad_accum_steps,
         world=config.scaling.num_workers, rank=0, start_step=plan.start_step,
         crops=crop_spec(config.data.path, config.controlnet.images, config.data.storage_options)
-        if config.controlnet is not None else None,
+        if get_spec(config.mode).images and config.controlnet is not None else None,
     )  # fmt: skip
 
 
@@ -218,7 +179,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     checkpoint = newest_checkpoint(ray.train.get_checkpoint(), loop_config["resume"])
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_dir:
         world = World(rank, size, ray.train.torch.get_device(), report, resume_dir)
-        loop = TrainLoop(config, world, loop_config["empty_caption"])
+        loop = TrainLoop(config, world, loop_config["empty_caption"], loop_config["columns"])
     shard = ray.train.get_dataset_shard(f"rank_{rank}")
     loop.run(iter_rank(shard, config.data.prefetch_batches))
 
@@ -240,7 +201,7 @@ def run_train(config: TrainConfig, plan: TrainPlan | None = None) -> TrainSummar
     scaling = config.scaling
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": config, "empty_caption": plan.cache.empty_caption,
+        train_loop_config={"config": config, "empty_caption": plan.cache.empty_caption, "columns": plan.columns,
                            "resume": _checkpoint(plan.resume, storage_fs)},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),

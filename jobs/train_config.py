@@ -1,4 +1,4 @@
-"""Configuration of the training jobs (``cascade train-c``, ``train-lora``, ``train-controlnet``).
+"""Configuration of the training jobs (``cascade train-c``, ``train-lora``, ``train-controlnet``, ``train-b``).
 
 Defaults are the official trainer's (spec §3): AdamW lr 1e-4 with torch's betas/eps and weight decay 0.01,
 one warmup update, gradient clipping at 1.0, bf16 autocast, P2 loss weight unless ``adaptive_loss_weight``.
@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from jobs.specs import get_spec
 from pipelines.core.sources import SourceConfig
 from pipelines.train_data.batches import TrainDataConfig
 
-MODES = ("stage_c", "lora", "controlnet")
 STRATEGIES = ("ddp", "fsdp")
-CHECKPOINT_NAMES = {"stage_c": "generator", "lora": "lora", "controlnet": "controlnet"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,17 +88,24 @@ class ControlNetTrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PreviewConfig:
-    """Preview grids (Previewer-decoded samples) every ``every`` steps; 0 turns them off."""
+    """Preview grids every ``every`` steps (0 turns them off): decoded samples next to the cached latents.
+
+    Stage C's grids are decoded by the Previewer (``previewer``), Stage B's by Stage A (``stage_a``).
+    ``timesteps`` and ``cfg`` default to the official sampling of the model (Stage C 20 steps at cfg 5,
+    Stage B 10 steps at cfg 1.1).
+    """
 
     every: int = 0
     samples: int = 4
-    timesteps: int = 20
-    cfg: float = 5.0
+    timesteps: int | None = None
+    cfg: float | None = None
     previewer: str = "previewer"
     previewer_weights: str | None = None
+    stage_a: str = "stage_a"
+    stage_a_weights: str | None = None
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.samples < 1 or self.timesteps < 1:
+        if self.every < 0 or self.samples < 1 or (self.timesteps is not None and self.timesteps < 1):
             raise ValueError(f"every={self.every} >= 0, samples={self.samples} and timesteps >= 1 required")
         if not self.previewer.startswith("previewer"):
             raise ValueError(f"previewer={self.previewer!r} is not a previewer flavor")
@@ -130,8 +136,10 @@ class TrainConfig:
         data: the latent cache and how batches are drawn.
         output_dir: Ray Train storage (local or s3://): ``{output_dir}/{run_name}/checkpoint_<step>/``
             hold the safetensors checkpoints; ``metrics.csv`` and ``previews/`` sit beside them.
-        flavor, weights: the Stage C flavor and its initial weights (None: seeded random init).
-        mode: ``stage_c`` (full fine-tune), ``lora`` or ``controlnet`` (set by the job).
+        flavor, weights: the flavor of the model the mode trains (Stage C; Stage B for ``stage_b``) and its
+            initial weights (None: seeded random init).
+        mode: ``stage_c`` (full fine-tune), ``lora``, ``controlnet`` or ``stage_b``: the training spec
+            (``jobs.specs``), set by the job.
         batch_size: samples per optimizer step over all workers (micro-batch = batch_size / workers / accum).
         grad_accum_steps: micro-batches per optimizer step on each worker.
         max_steps: optimizer steps of the whole run (a resumed run continues to this total).
@@ -169,11 +177,10 @@ class TrainConfig:
     storage_endpoint_url: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r}; allowed: {', '.join(MODES)}")
-        if not self.flavor.startswith("stage_c/"):
+        spec = get_spec(self.mode)
+        if not self.flavor.startswith(f"{spec.flavor_family}/"):
             raise ValueError(
-                f"flavor={self.flavor!r} is not a Stage C flavor (stage_c/3.6b, stage_c/1b, stage_c/tiny)"
+                f"flavor={self.flavor!r} is not a {spec.flavor_family} flavor (mode {self.mode!r})"
             )
         for name in (
             "batch_size",
@@ -193,28 +200,26 @@ class TrainConfig:
             )
         if self.lr <= 0 or self.warmup_updates < 0 or self.grad_clip <= 0:
             raise ValueError(f"lr={self.lr} and grad_clip={self.grad_clip} must be > 0, warmup_updates >= 0")
-        if (self.mode == "controlnet") != (self.controlnet is not None):
+        if ("controlnet" in spec.sections) != (self.controlnet is not None):
             raise ValueError(
                 "controlnet: required in mode 'controlnet' (cascade train-controlnet) and only there"
             )
-        if self.mode != "stage_c" and self.scaling.strategy == "fsdp":
+        if self.scaling.strategy == "fsdp" and not spec.fsdp_units:
             raise ValueError(
-                f"scaling.strategy='fsdp' trains mode 'stage_c' only, not {self.mode!r} (as officially)"
+                f"scaling.strategy='fsdp' trains the full models (stage_c, stage_b), not {self.mode!r} (as officially)"
             )
         if self.scaling.strategy == "fsdp" and (self.ema is not None or self.preview.every):
             raise ValueError(
                 "scaling.strategy='fsdp' works without ema and previews (both need the full model)"
             )
-        if self.mode != "stage_c" and self.ema is not None:
-            raise ValueError("ema: the official EMA is of the full generator (mode 'stage_c')")
+        if self.ema is not None and not spec.ema:
+            raise ValueError(
+                f"ema: the official EMA is of a full generator (stage_c, stage_b), not {self.mode!r}"
+            )
 
     @property
     def micro_batch(self) -> int:
         return self.batch_size // (self.scaling.num_workers * self.grad_accum_steps)
-
-    @property
-    def checkpoint_name(self) -> str:
-        return CHECKPOINT_NAMES[self.mode]
 
     @property
     def storage_options(self) -> dict[str, str]:

@@ -1,6 +1,7 @@
-"""The training loop one worker runs: the official Stage C step on cached tensors, accumulation, checkpoints.
+"""The training loop one worker runs: a training spec's step on cached tensors, accumulation, checkpoints.
 
-It needs no Ray: ``World`` says who this worker is (rank, size, device) and how it reports, and the batches
+The loop is generic: the model, its objective, checkpoint names, FSDP units and preview come from the spec of
+``config.mode`` (``jobs.specs``). It needs no Ray: ``World`` says who this worker is (rank, size, device) and how it reports, and the batches
 are any iterator of micro-batches from ``pipelines.train_data.batches``. ``jobs.train`` runs it on Ray Train
 workers (DDP over gloo or nccl); tests run it in-process.
 
@@ -31,15 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from jobs.specs import get_spec
 from jobs.train_checkpoint import read_checkpoint, write_checkpoint
 from jobs.train_config import TrainConfig
 from pipelines.core.latents_reader import to_float32
-from pipelines.train_data.batches import IMAGES, MicroBatch
-from schemas import columns as c
+from pipelines.train_data.batches import MicroBatch
 from stages.ema import update_weights_ema
 from stages.flavors import build_model
-from stages.gdf import stage_gdf
-from stages.objective import StepLoss, condition_batch, stage_c_loss
+from stages.objective import StepLoss
 
 METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "data_wait_fraction", "elapsed_s")
 
@@ -68,20 +68,6 @@ class World:
         return torch.cat(parts)
 
 
-class ControlledStageC(nn.Module):
-    """A frozen Stage C steered by a ControlNet: ``forward(..., control=)`` injects ``controlnet(control)``."""
-
-    def __init__(self, generator: nn.Module, controlnet: nn.Module) -> None:
-        super().__init__()
-        self.generator = generator.requires_grad_(False)
-        self.controlnet = controlnet
-
-    def forward(
-        self, x: torch.Tensor, r: torch.Tensor, control: torch.Tensor, **conditions: Any
-    ) -> torch.Tensor:
-        return self.generator(x, r, cnet=self.controlnet(control), **conditions)
-
-
 def micro_seed(seed: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
 
@@ -94,20 +80,32 @@ def lr_factor(step: int, warmup: int) -> float:
 class TrainLoop:
     """Models, optimizer and state of one worker; ``run(batches)`` trains to ``config.max_steps``."""
 
-    def __init__(self, config: TrainConfig, world: World, empty_caption: dict[str, np.ndarray]) -> None:
-        self.config, self.world = config, world
+    def __init__(
+        self,
+        config: TrainConfig,
+        world: World,
+        empty_caption: dict[str, np.ndarray],
+        columns: dict[str, tuple[int, ...]],
+    ) -> None:
+        self.config, self.world, self.columns = config, world, columns
+        self.spec = get_spec(config.mode)
         self.device = world.device
-        self.trainable, self.module, self.saved = self._build()
+        built = self.spec.build(config, self.device)
+        self.trainable, self.module, self.saved, self.frozen = (
+            built.trainable,
+            built.module,
+            built.saved,
+            built.frozen,
+        )
         self.empty = {
             k: torch.from_numpy(np.asarray(v, np.float32)).to(self.device) for k, v in empty_caption.items()
         }
-        offset = config.controlnet.noise if config.controlnet is not None else 0.0
-        self.gdf = stage_gdf(adaptive=config.adaptive_loss_weight, offset_noise=offset)
-        self.ema = self._ema_copy()
+        self.gdf = self.spec.gdf(config)
+        self.autocast = torch.bfloat16 if config.bf16_autocast else None
+        self.ema = copy.deepcopy(self.module).eval().requires_grad_(False) if config.ema is not None else None
         self.step = 0
         self.metrics: MetricsLog | None = None
-        self._previewer: nn.Module | None = None
-        self.control_effnet = self._control_effnet()
+        self._frozen_models: dict[tuple[str, str | None], nn.Module] = {}
         checkpoint = read_checkpoint(world.resume_dir) if world.resume_dir is not None else None
         if checkpoint is not None:  # weights before sharding, the optimizer after (FSDP replaces parameters)
             self._load_weights(*checkpoint)
@@ -124,47 +122,21 @@ class TrainLoop:
         self._set_lr()
 
     # --- building -------------------------------------------------------------------------------------------
-    def _build(self) -> tuple[nn.Module, nn.Module, dict[str, nn.Module]]:
-        """(module whose parameters train, module the loss calls, {checkpoint name: module to save})."""
-        cfg = self.config
-        stage_c, _ = build_model(cfg.flavor, weights=cfg.weights)
-        stage_c.train()
-        if cfg.mode == "stage_c":
-            return stage_c.to(self.device), stage_c.to(self.device), {"generator": stage_c}
-        if cfg.mode == "lora":
-            from stages.lora import build_lora
-
-            stage_c.requires_grad_(False)
-            bundle = build_lora(stage_c, filters=cfg.lora.filters, rank=cfg.lora.rank)
-            stage_c.to(self.device)
-            return bundle, stage_c, {"lora": bundle}
-        assert cfg.controlnet is not None
-        cnet, _ = build_model(cfg.controlnet.flavor, weights=cfg.controlnet.weights)
-        cnet.train()
-        controlled = ControlledStageC(stage_c, cnet).to(self.device)
-        return cnet, controlled, {"controlnet": cnet}
-
-    def _ema_copy(self) -> nn.Module | None:
-        if self.config.ema is None:
-            return None
-        return copy.deepcopy(self.module).eval().requires_grad_(False)
-
-    def _control_effnet(self) -> nn.Module | None:
-        cn = self.config.controlnet
-        if cn is None or cn.kind != "super_resolution":
-            return None
-        effnet, _ = build_model(cn.effnet, weights=cn.effnet_weights, device=self.device)
-        return effnet
-
     def _parallel(self, module: nn.Module) -> nn.Module:
         if self.world.size == 1:
             return module
         if self.config.scaling.strategy == "fsdp":
-            return _fsdp(module, self.device)
+            return _fsdp(module, self.spec.fsdp_units)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids)
+
+    def frozen_model(self, flavor: str, weights: str | None) -> nn.Module:
+        """A model built once, on first use, in eval mode on this worker's device (preview decoders)."""
+        if (flavor, weights) not in self._frozen_models:
+            self._frozen_models[flavor, weights] = build_model(flavor, weights=weights, device=self.device)[0]
+        return self._frozen_models[flavor, weights]
 
     # --- state ------------------------------------------------------------------------------------------------
     def _state_dicts(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
@@ -176,10 +148,12 @@ class TrainLoop:
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        if self.config.mode == "stage_c":
-            weights = {"generator": get_model_state_dict(self.model, options=options)}
-        else:  # adapters: only their own (small, unsharded) weights
-            weights = {name: module.state_dict() for name, module in self.saved.items()}
+        weights = {  # the whole model through the (FSDP-aware) full state dict; adapters: their own weights
+            name: get_model_state_dict(self.model, options=options)
+            if module is self.module
+            else module.state_dict()
+            for name, module in self.saved.items()
+        }
         if self.ema is not None:
             weights["generator_ema"] = self.ema.state_dict()
         return weights, get_optimizer_state_dict(self.model, self.optimizer, options=options)
@@ -208,28 +182,14 @@ class TrainLoop:
             group["lr"] = self.config.lr * lr_factor(self.step, self.config.warmup_updates)
 
     # --- one micro-batch --------------------------------------------------------------------------------------
-    def _tensor(self, batch: MicroBatch, name: str) -> torch.Tensor:
+    def tensor(self, batch: MicroBatch, name: str) -> torch.Tensor:
+        """A micro-batch column as a float32 tensor on this worker's device."""
         return torch.from_numpy(to_float32(np.asarray(batch[name]))).to(self.device)
 
     def micro_loss(self, batch: MicroBatch, model: nn.Module | None = None) -> StepLoss:
-        """The official objective on one micro-batch, drawn from the RNG seeded by (seed, step, micro)."""
+        """The spec's objective on one micro-batch, drawn from the RNG seeded by (seed, step, micro)."""
         torch.manual_seed(micro_seed(self.config.seed, batch["step"], batch["micro"]))
-        conditions = condition_batch(
-            self._tensor(batch, c.CLIP_TEXT), self._tensor(batch, c.CLIP_TEXT_POOLED),
-            self._tensor(batch, c.CLIP_IMG), self.empty[c.CLIP_TEXT], self.empty[c.CLIP_TEXT_POOLED],
-        )  # fmt: skip
-        if self.config.mode == "controlnet":
-            conditions["control"] = self._control(batch)
-        autocast = torch.bfloat16 if self.config.bf16_autocast else None
-        return stage_c_loss(model or self.model, self.gdf, self._tensor(batch, c.EFFNET), conditions,
-                            autocast_dtype=autocast)  # fmt: skip
-
-    def _control(self, batch: MicroBatch) -> torch.Tensor:
-        from stages.control_inputs import control_input
-
-        assert self.config.controlnet is not None
-        images = torch.from_numpy(np.asarray(batch[IMAGES])).to(self.device).float() / 255
-        return control_input(self.config.controlnet.kind, images, effnet=self.control_effnet)
+        return self.spec.objective(self, batch, model or self.model)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def run(self, batches: Iterator[MicroBatch], *, progress: bool = True) -> list[dict[str, Any]]:
@@ -332,66 +292,32 @@ class TrainLoop:
     # --- previews ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def preview(self, batch: MicroBatch) -> bytes:
-        """A PNG grid: the Previewer decode of the cached latents (top) and of samples for their conditions.
+        """The spec's preview grid (PNG) for the first samples of ``batch``."""
+        return self.spec.preview(self, batch)
 
-        With real Previewer weights the decode is clamped to [0, 1] as officially; a random-init Previewer
-        (tests, demos) is contrast-stretched per image and channel instead, since its raw output is near zero.
-        """
-        from PIL import Image
-
-        cfg = self.config.preview
-        if self._previewer is None:  # built once, at the first preview
-            self._previewer = build_model(cfg.previewer, weights=cfg.previewer_weights, device=self.device)[0]
-        previewer = self._previewer
-        n = min(cfg.samples, len(batch[c.EFFNET]))
-        cond = {
-            c.CLIP_TEXT: self._tensor(batch, c.CLIP_TEXT)[:n],
-            c.CLIP_TEXT_POOLED: self._tensor(batch, c.CLIP_TEXT_POOLED)[:n].reshape(n, 1, -1),
-            c.CLIP_IMG: torch.zeros_like(self._tensor(batch, c.CLIP_IMG)[:n]).reshape(n, 1, -1),
-        }
-        uncond = {
-            c.CLIP_TEXT: self.empty[c.CLIP_TEXT].expand_as(cond[c.CLIP_TEXT]),
-            c.CLIP_TEXT_POOLED: self.empty[c.CLIP_TEXT_POOLED].reshape(1, 1, -1).expand(n, 1, -1),
-            c.CLIP_IMG: cond[c.CLIP_IMG],
-        }
-        latents = self._tensor(batch, c.EFFNET)[:n]
+    @torch.no_grad()
+    def sample(
+        self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor], shape: torch.Size, *,
+        timesteps: int, cfg: float,
+    ) -> torch.Tensor:  # fmt: skip
+        """x̂0 of GDF sampling (DDPM, shift 1, seeded by ``config.seed``) with the EMA model if there is one."""
         model = self.ema if self.ema is not None else self.module
-        if self.config.mode == "controlnet":
-            control = self._control({**batch, IMAGES: np.asarray(batch[IMAGES])[:n]})
-            cond["control"] = uncond["control"] = control
         was_training = model.training
         model.eval()
         generator = torch.Generator(self.device).manual_seed(self.config.seed)
-        *_, (x0, _, _) = self.gdf.sample(model, cond, latents.shape, unconditional_inputs=uncond,
-                                         timesteps=cfg.timesteps, cfg=cfg.cfg, shift=1.0, generator=generator)  # fmt: skip
+        *_, (x0, _, _) = self.gdf.sample(model, cond, shape, unconditional_inputs=uncond, timesteps=timesteps,
+                                         cfg=cfg, shift=1.0, generator=generator)  # fmt: skip
         model.train(was_training)
-        images = previewer(torch.cat([latents, x0]))
-        if (
-            cfg.previewer_weights is None
-        ):  # a random-init Previewer: stretch each channel so the grid shows something
-            low = images.amin(dim=(2, 3), keepdim=True)
-            images = (images - low) / (images.amax(dim=(2, 3), keepdim=True) - low).clamp_min(1e-6)
-        images = images.clamp(0, 1)
-        grid = (
-            images.reshape(2, n, *images.shape[1:])
-            .permute(0, 3, 1, 4, 2)
-            .reshape(2 * images.shape[2], n * images.shape[3], 3)
-        )
-        buffer = io.BytesIO()
-        Image.fromarray((grid * 255).round().byte().cpu().numpy()).save(buffer, format="PNG")
-        return buffer.getvalue()
+        return x0
 
 
-def _fsdp(module: nn.Module, device: torch.device) -> nn.Module:
-    """FSDP (``fully_shard``) as the official trainer configures it: one unit per ResBlock, AttnBlock,
-    TimestepBlock and FeedForwardBlock, gradients sharded but parameters kept after forward
-    (SHARD_GRAD_OP), bf16 parameters and reductions. Works on CPU (gloo) and GPU (nccl)."""
+def _fsdp(module: nn.Module, units: tuple[type[nn.Module], ...]) -> nn.Module:
+    """FSDP (``fully_shard``) as the official trainer configures it: one unit per module of the spec's
+    ``fsdp_units`` (ResBlock, AttnBlock, TimestepBlock, FeedForwardBlock), gradients sharded but parameters
+    kept after forward (SHARD_GRAD_OP), bf16 parameters and reductions. Works on CPU (gloo) and GPU (nccl)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from stages.common import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock
-
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
-    units = (ResBlock, AttnBlock, TimestepBlock, FeedForwardBlock)
     for sub in list(module.modules()):
         if isinstance(sub, units):
             fully_shard(sub, reshard_after_forward=False, mp_policy=bf16)

@@ -172,3 +172,18 @@ class ControlNet(nn.Module):
         for projection, idx in zip(self.projections, self.proj_blocks, strict=True):
             outputs[idx] = projection(features)
         return outputs
+
+
+class ControlledStageC(nn.Module):
+    """A frozen Stage C steered by a ControlNet: ``forward(..., control=)`` injects ``controlnet(control)``
+    (the official ControlNet trainer's generator call, with ``cnet=controlnet(cnet_input)``)."""
+
+    def __init__(self, generator: nn.Module, controlnet: nn.Module) -> None:
+        super().__init__()
+        self.generator = generator.requires_grad_(False)
+        self.controlnet = controlnet
+
+    def forward(
+        self, x: torch.Tensor, r: torch.Tensor, control: torch.Tensor, **conditions: torch.Tensor
+    ) -> torch.Tensor:
+        return self.generator(x, r, cnet=self.controlnet(control), **conditions)

@@ -320,6 +320,7 @@ class ReadSpec:
     files: tuple[CacheFile, ...]
     format: str
     storage_options: dict[str, Any]
+    columns: tuple[str, ...] = CONDITION_COLUMNS  # the tensors a micro-batch carries (the spec's columns)
     seed: int
     micro_batch: int
     accum: int
@@ -340,7 +341,7 @@ def window_micro_batches(plan: WindowPlan, spec: ReadSpec) -> Iterator[MicroBatc
     tensors (micro_batch, *shape) in the stored dtype; with ``spec.crops`` also ``IMAGES``.
     """
     files = [spec.files[i] for i in plan.files]
-    columns = [c.KEY, *CONDITION_COLUMNS, *((c.SOURCE_SHARD,) if spec.crops else ())]
+    columns = [c.KEY, *spec.columns, *((c.SOURCE_SHARD,) if spec.crops else ())]
     tables = [
         table_to_batch(
             read_latent_table(f.uri, spec.format, storage_options=spec.storage_options, columns=columns)
@@ -361,7 +362,7 @@ def window_micro_batches(plan: WindowPlan, spec: ReadSpec) -> Iterator[MicroBatc
     crops = _crops(tables, [r for *_, rows in mine for r in rows], spec.crops) if spec.crops else None
     for n, (step, micro, rows) in enumerate(mine):
         out: MicroBatch = {"step": step, "micro": micro}
-        for name in [c.KEY, *CONDITION_COLUMNS]:
+        for name in [c.KEY, *spec.columns]:
             values = [tables[i][name][r] for i, r in rows]
             out[name] = "\n".join(values) if name == c.KEY else np.stack(values)
         if crops is not None:

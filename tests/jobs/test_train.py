@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,16 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from jobs.train import check_train, latest_checkpoint, read_spec, run_train
+from jobs.train import check_train, read_spec, run_train
 from jobs.train_checkpoint import read_checkpoint
 from jobs.train_config import ControlNetTrainConfig, EmaConfig, PreviewConfig, ScalingSpec, TrainConfig
 from pipelines.train_data.batches import TrainDataConfig, window_micro_batches
 from stages.flavors import build_model
-from tests.conftest import REPO_ROOT
 from tests.jobs.train_cache import build_cache
-from tests.processes import kill_marked_processes
+from tests.jobs.train_runs import kill_and_resume, loads_strictly_and_into_diffusers, metrics
 from tests.s3 import moto_endpoint
 
 # two Ray Train workers and the read tasks share CI's 2 CPUs
@@ -44,11 +38,6 @@ def _config(cache: tuple[Path, Path], out: Path, **overrides) -> TrainConfig:
               "batch_size": 2, "max_steps": 6, "save_every": 2, "log_every": 1, "bf16_autocast": False,
               "scaling": HALF_CPU}  # fmt: skip
     return TrainConfig(**(fields | overrides))
-
-
-def _metrics(summary_or_dir) -> list[dict[str, float]]:
-    path = Path(getattr(summary_or_dir, "metrics_csv", summary_or_dir))
-    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(path.open())]
 
 
 def test_micro_batches_are_the_same_for_two_workers_and_one_with_double_accumulation(cache) -> None:
@@ -80,7 +69,7 @@ def test_a_tiny_stage_c_learns_on_cached_photos(cache, tmp_path) -> None:
                      preview=PreviewConfig(every=150, samples=2, timesteps=4, previewer="previewer/tiny"))  # fmt: skip
     summary = run_train(config)
     assert (summary.start_step, summary.final_step) == (0, 300)
-    rows = _metrics(summary)
+    rows = metrics(summary)
     assert [r["step"] for r in rows] == list(range(10, 301, 10))
     first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
     print(f"\ntiny Stage C on 7 cached photos: loss {first:.4f} (steps 10-30) -> {last:.4f} (steps 280-300)")
@@ -104,26 +93,11 @@ def test_a_tiny_stage_c_learns_on_cached_photos(cache, tmp_path) -> None:
 
 
 def _loads_strictly_and_into_diffusers(path: Path) -> None:
-    from diffusers import StableCascadeUNet
-
-    from stages.diffusers_keys import diffusers_config, official_to_diffusers
-    from stages.weights import read_safetensors
-
-    model, sha = build_model("stage_c/tiny", weights=str(path))
-    assert sha is not None
-    reference = StableCascadeUNet(**diffusers_config(model.config)).eval()
-    reference.load_state_dict(official_to_diffusers(read_safetensors(path).state_dict), strict=True)
     gen = torch.Generator().manual_seed(0)
-    x, r = torch.randn(2, 16, 8, 8, generator=gen), torch.rand(2, generator=gen)
-    ct, cp, ci = (
-        torch.randn(2, 77, 32, generator=gen),
-        torch.randn(2, 1, 32, generator=gen),
-        torch.randn(2, 1, 32),
-    )
-    with torch.no_grad():
-        ours = model(x, r, ct, cp, ci)
-        theirs = reference(sample=x, timestep_ratio=r, clip_text=ct, clip_text_pooled=cp, clip_img=ci).sample
-    assert (ours - theirs).abs().max() <= 1e-5
+    inputs = {"sample": torch.randn(2, 16, 8, 8, generator=gen), "timestep_ratio": torch.rand(2, generator=gen),
+              "clip_text": torch.randn(2, 77, 32, generator=gen), "clip_text_pooled": torch.randn(2, 1, 32, generator=gen),
+              "clip_img": torch.randn(2, 1, 32)}  # fmt: skip
+    loads_strictly_and_into_diffusers(path, "stage_c/tiny", inputs)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +114,7 @@ def test_two_workers_match_one_worker_with_doubled_accumulation(cache, one_worke
     two = run_train(dataclasses.replace(
         one_config, output_dir=str(tmp_path), grad_accum_steps=1, scaling=dataclasses.replace(HALF_CPU, num_workers=2)
     ))  # fmt: skip
-    losses_one, losses_two = [r["loss"] for r in _metrics(one)], [r["loss"] for r in _metrics(two)]
+    losses_one, losses_two = [r["loss"] for r in metrics(one)], [r["loss"] for r in metrics(two)]
     assert len(losses_one) == len(losses_two) == 16
     np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5, atol=1e-6)
     w1, _, s1 = read_checkpoint(one.checkpoint)
@@ -156,33 +130,7 @@ def test_two_workers_match_one_worker_with_doubled_accumulation(cache, one_worke
 def test_kill_and_resume_repeats_the_uninterrupted_trajectory(cache, one_worker_run, tmp_path) -> None:
     """SIGKILL the `cascade train-c` process group after its first checkpoint, rerun it: same losses, same weights."""
     one_config, one = one_worker_run
-    config = dataclasses.asdict(dataclasses.replace(one_config, output_dir=str(tmp_path)))
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config))))
-    command = [sys.executable, "-m", "jobs.cli", "train-c", "--config", str(tmp_path / "train.yaml")]
-    ray_tmp = tempfile.mkdtemp(prefix="raykill", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
-    env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env | {"RAY_TMPDIR": ray_tmp}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    run_dir, killed_config = tmp_path / "stage_c", dataclasses.replace(one_config, output_dir=str(tmp_path))
-    deadline = time.monotonic() + 240
-    while latest_checkpoint(killed_config)[1] is None:  # the first complete checkpoint
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kill_marked_processes(f"RAY_TMPDIR={ray_tmp}")  # its Ray: raylet and workers run in sessions of their own
-    killed_at = latest_checkpoint(killed_config)[1]["step"]  # a checkpoint cut by the kill is passed over
-    assert killed_at < 16, "the run finished before it was killed"
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout[done.stdout.index("{") :])["start_step"] == killed_at
-    resumed = [r["loss"] for r in _metrics(run_dir / "metrics.csv")]
-    reference = [r["loss"] for r in _metrics(one)]
-    np.testing.assert_allclose(resumed, reference, rtol=1e-6, atol=1e-7)
-    w_resumed, _, _ = read_checkpoint(run_dir / "checkpoint_00000016")
-    w_ref, _, _ = read_checkpoint(one.checkpoint)
-    assert all(torch.allclose(w_resumed["generator"][k], v, atol=1e-6) for k, v in w_ref["generator"].items())
+    kill_and_resume("train-c", dataclasses.replace(one_config, output_dir=str(tmp_path)), one)
 
 
 def test_a_killed_train_worker_restarts_from_its_checkpoint(cache, one_worker_run, tmp_path) -> None:
@@ -215,8 +163,8 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint(cache, one_worker_ru
     for pid in killed["pids"]:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    losses = [r["loss"] for r in _metrics(summary)]
-    np.testing.assert_allclose(losses, [r["loss"] for r in _metrics(one)], rtol=1e-6, atol=1e-7)
+    losses = [r["loss"] for r in metrics(summary)]
+    np.testing.assert_allclose(losses, [r["loss"] for r in metrics(one)], rtol=1e-6, atol=1e-7)
     w_restarted, _, _ = read_checkpoint(summary.checkpoint)
     w_ref, _, _ = read_checkpoint(one.checkpoint)
     assert all(
@@ -329,8 +277,8 @@ def test_fsdp_shards_the_generator_and_saves_the_full_official_state(cache, one_
     config = dataclasses.replace(one_config, output_dir=str(tmp_path), max_steps=2, save_every=2, grad_accum_steps=1,
                                  scaling=dataclasses.replace(HALF_CPU, num_workers=2, strategy="fsdp"))  # fmt: skip
     summary = run_train(config)
-    losses = [r["loss"] for r in _metrics(summary)]
-    np.testing.assert_allclose(losses, [r["loss"] for r in _metrics(one)][:2], rtol=2e-2)
+    losses = [r["loss"] for r in metrics(summary)]
+    np.testing.assert_allclose(losses, [r["loss"] for r in metrics(one)][:2], rtol=2e-2)
     model, _ = build_model("stage_c/tiny", weights=str(Path(summary.checkpoint) / "generator.safetensors"))
     weights, optimizer, state = read_checkpoint(summary.checkpoint)
     assert state["world_size"] == 2 and set(weights["generator"]) == set(model.state_dict())
@@ -377,7 +325,7 @@ def test_warmup_and_ema_follow_the_official_schedule(cache, tmp_path) -> None:
     config = _config(cache, tmp_path, max_steps=6, save_every=6, warmup_updates=4, lr=1e-3,
                      ema=EmaConfig(start_step=2, every=1, beta=0.5))  # fmt: skip
     plan = check_train(config)
-    loop = TrainLoop(config, World(), plan.cache.empty_caption)
+    loop = TrainLoop(config, World(), plan.cache.empty_caption, plan.columns)
     batches = (b for w in plan.windows for b in window_micro_batches(w, read_spec(config, plan)))
     seen = []  # (step, lr for the next update) after every update; the first update runs at lr 0
     original = loop._update_ema

@@ -1,0 +1,105 @@
+"""Stage B training (``cascade train-b``) on a real cache of Stage A latents (tiny flavors, 2 CPUs)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs.train import check_train, run_train
+from jobs.train_checkpoint import read_checkpoint
+from jobs.train_config import PreviewConfig, ScalingSpec, TrainConfig
+from pipelines.train_data.batches import TrainDataConfig
+from schemas import columns as c
+from tests.jobs.train_cache import build_cache
+from tests.jobs.train_runs import kill_and_resume, loads_strictly_and_into_diffusers, metrics
+
+HALF_CPU = ScalingSpec(num_workers=1, cpus_per_worker=0.5)
+
+
+@pytest.fixture(scope="module")
+def cache(ray_local, tmp_path_factory) -> tuple[Path, Path]:
+    """7 real photos: Stage A latents of their 128 px crops (4×32×32) and effnet conditioning at 2 and 3 cells."""
+    return build_cache(
+        tmp_path_factory.mktemp("train_b"), mode="center", image_size_px=128, stage_a_size_px=128
+    )
+
+
+def _config(cache: tuple[Path, Path], out: Path, **overrides) -> TrainConfig:
+    fields = {"data": TrainDataConfig(path=str(cache[1]), read_cpus=0.25), "output_dir": str(out),
+              "mode": "stage_b", "flavor": "stage_b/tiny", "batch_size": 4, "grad_accum_steps": 2,
+              "max_steps": 12, "save_every": 4, "log_every": 1, "bf16_autocast": False,
+              "adaptive_loss_weight": True, "scaling": HALF_CPU}  # fmt: skip
+    return TrainConfig(**(fields | overrides))
+
+
+def test_the_plan_reads_stage_a_latents_pooled_text_and_every_stored_effnet_size(cache) -> None:
+    plan = check_train(_config(cache, Path("unused")))
+    assert plan.columns == {c.STAGE_A: (4, 32, 32), c.CLIP_TEXT_POOLED: (32,),
+                            "stage_b_effnet_2": (16, 2, 2), "stage_b_effnet_3": (16, 3, 3)}  # fmt: skip
+
+
+def test_a_cache_without_stage_b_inputs_is_refused_naming_what_is_missing() -> None:
+    from jobs.specs.stage_b import stage_b_columns
+    from stages.flavors import get_flavor
+
+    stage_c_cache = {c.EFFNET: (16,), c.CLIP_TEXT: (77, 32), c.CLIP_TEXT_POOLED: (32,), c.CLIP_IMG: (32,)}
+    model = get_flavor("stage_b/tiny").config
+    for shapes in (stage_c_cache, stage_c_cache | {c.STAGE_A: (4, 32, 32)}):
+        with pytest.raises(ValueError, match="encode it with stage_a and stage_b_conditioning"):
+            stage_b_columns(model, shapes)
+    subset = stage_b_columns(model, stage_c_cache | {c.STAGE_A: (4, 32, 32), "stage_b_effnet_3": (16, 3, 3)})
+    assert subset == {c.STAGE_A: (4, 32, 32), c.CLIP_TEXT_POOLED: (32,), "stage_b_effnet_3": (16, 3, 3)}
+
+
+def test_a_tiny_stage_b_learns_on_cached_stage_a_latents(cache, tmp_path) -> None:
+    """300 steps: the loss falls; the checkpoint loads strictly into stages and diffusers; previews decode."""
+    config = _config(cache, tmp_path, grad_accum_steps=1, max_steps=300, save_every=300, log_every=10, lr=1e-3,
+                     bf16_autocast=True, adaptive_loss_weight=False,
+                     preview=PreviewConfig(every=300, samples=2, timesteps=3, stage_a="stage_a/tiny"))  # fmt: skip
+    summary = run_train(config)
+    rows = metrics(summary)
+    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
+    print(f"\ntiny Stage B on 7 cached photos: loss {first:.4f} (steps 10-30) -> {last:.4f} (steps 280-300)")
+    assert last < 0.75 * first
+    checkpoint = Path(summary.checkpoint)
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "generator.safetensors", "optimizer.safetensors", "preview.png", "trainer_state.json"]  # fmt: skip
+    assert Image.open(checkpoint / "preview.png").size == (2 * 128, 2 * 128)  # 2 samples, 2 rows of 128 px
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"sample": torch.randn(2, 4, 32, 32, generator=gen), "timestep_ratio": torch.rand(2, generator=gen),
+              "effnet": torch.randn(2, 16, 3, 3, generator=gen),
+              "clip_text_pooled": torch.randn(2, 1, 32, generator=gen)}  # fmt: skip
+    loads_strictly_and_into_diffusers(checkpoint / "generator.safetensors", "stage_b/tiny", inputs)
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(cache, tmp_path_factory):
+    """The reference: 1 worker, accumulation 2, 12 steps, adaptive loss weight, checkpoints every 4."""
+    config = _config(cache, tmp_path_factory.mktemp("one_b"))
+    return config, run_train(config)
+
+
+def test_two_workers_match_one_worker_with_doubled_accumulation(cache, one_worker_run, tmp_path) -> None:
+    one_config, one = one_worker_run
+    two = run_train(dataclasses.replace(
+        one_config, output_dir=str(tmp_path), grad_accum_steps=1, scaling=dataclasses.replace(HALF_CPU, num_workers=2)
+    ))  # fmt: skip
+    losses_one, losses_two = [r["loss"] for r in metrics(one)], [r["loss"] for r in metrics(two)]
+    assert len(losses_one) == len(losses_two) == 12
+    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5, atol=1e-6)
+    w1, _, s1 = read_checkpoint(one.checkpoint)
+    w2, _, s2 = read_checkpoint(two.checkpoint)
+    diff = max((w1["generator"][k] - w2["generator"][k]).abs().max().item() for k in w1["generator"])
+    assert diff <= 1e-5, f"weights differ by {diff}"
+    assert (s1["mode"], s1["world_size"], s2["world_size"]) == ("stage_b", 1, 2)
+
+
+def test_kill_and_resume_repeats_the_uninterrupted_trajectory(cache, one_worker_run, tmp_path) -> None:
+    """SIGKILL `cascade train-b` after its first checkpoint, rerun it: the same losses and weights."""
+    one_config, one = one_worker_run
+    kill_and_resume("train-b", dataclasses.replace(one_config, output_dir=str(tmp_path)), one)
