@@ -1,14 +1,18 @@
 """Every benchmark, quickly, one after the other: one JSON file and a markdown table of ratios beside their goals.
 
-    python benchmarks/run_all.py [--out benchmarks/results/all] [--only encode score train read]
+    python benchmarks/run_all.py [--out benchmarks/results/all] [--only encode score train train_b read]
 
-Runs, each in its own process with its own timeout (7 to 9 minutes in all on 2 CPU cores):
+Runs, each in its own process with its own timeout (7 to 9 minutes in all on 2 CPU cores, plus ``train_b``:
+12 minutes at load 6, its full default 5.5 minutes on a quiet machine):
 
 * ``encode.py --sizes mixed``: the encode pipeline against the bare model forwards (released-size effnet and
   CLIP-L, tiny CLIP-bigG text), and bytes on disk per sample against the raw tensor bytes;
 * ``score.py --flavor clip_score/l14``: the score pipeline against the bare scorer forward;
 * ``train.py --quick``: the training step on the cache against the same step on in-memory tensors and against
   the on-the-fly step, per Stage C flavor (tiny, 1B-shaped), and the Ray Train data-wait fraction;
+* ``train_b.py --quick``: the same for Stage B (tiny, 700M-shaped at 128/256 px crops; the official crop is 1024):
+  the step on the cache (read included) against in-memory tensors and the on-the-fly step (Stage A, effnet,
+  CLIP-bigG text), and the FLOP projection of the on-the-fly cost for ``stage_b/700m`` and ``stage_b/1.5b``;
 * ``read.py``: the cache readers against a raw pyarrow read of the same files;
 * ``scale.py --quick``: per-shard driver and join costs at 100 and 1000 shards, end to end per sample at two
   sizes (the full sizes, 10² → 10⁴ shards and 10³ → 10⁴ samples, run on their own: ``python benchmarks/scale.py``).
@@ -38,6 +42,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "encode": (["encode.py", "--sizes", "mixed", "--images", "12", "--batch", "2"], 240),
     "score": (["score.py", "--flavor", "clip_score/l14", "--images", "16", "--batch", "4"], 180),
     "train": (["train.py", "--quick"], 420),
+    "train_b": (["train_b.py", "--quick"], 900),
     "read": (["read.py", "--rows", "1024", "--files", "8"], 120),
     "scale": (["scale.py", "--quick"], 900),
 }
@@ -118,6 +123,7 @@ def ratio_rows(results: dict[str, dict]) -> list[dict]:
                          f"{_fmt(r.get('encoder_peak_mib'))} MiB of encoders per sample (peak, batch)"))  # fmt: skip
         rows.append(_row(f"data-wait fraction ({flavor})", _get(r, "ray_train", "data_wait_fraction"), "≤ 5%",
                          lambda v: v <= 0.05, f"max row {_fmt(_get(r, 'ray_train', 'data_wait_fraction_max'))}"))  # fmt: skip
+    rows += train_b_rows(results.get("train_b", {}))
     rows.append(_row("cached read rate / raw pyarrow read", read.get("ratio_cache_parquet_over_raw"), "≥ 0.5",
                      lambda v: v >= 0.5, f"WebDataset {_fmt(read.get('ratio_cache_webdataset_over_raw'))}; "
                      f"training batches {_fmt(read.get('ratio_training_batches_over_raw'))}"))  # fmt: skip
@@ -128,6 +134,27 @@ def ratio_rows(results: dict[str, dict]) -> list[dict]:
     for name, result in results.items():
         if "error" in result:
             rows.append(_row(f"{name} benchmark", None, "runs", None, result["error"].splitlines()[0][:200]))
+    return rows
+
+
+def train_b_rows(train_b: dict) -> list[dict]:
+    """Stage B: the step on the cache against in-memory tensors and on the fly, per flavor; the FLOP projection."""
+    rows = []
+    for flavor, r in (_get(train_b, "results") or {}).items():
+        rows.append(_row(f"Stage B step on cache / in-memory tensors ({flavor})", r.get("ratio_on_cache_over_in_memory"),
+                         "≤ 1.05", lambda v: v <= 1.05,
+                         f"{_fmt(r.get('on_cache_step_with_read_s'))} s vs {_fmt(r.get('in_memory_step_s'))} s at "
+                         f"{r.get('stage_a_size_px')} px; read {_fmt(r.get('cache_read_s_per_step'))} s/step"))  # fmt: skip
+        rows.append(_row(f"Stage B on the fly / on cache ({flavor})", r.get("speedup_on_the_fly_over_on_cache"),
+                         "report", None,
+                         f"removes {_fmt(r.get('encoder_cpu_s_per_sample'))} CPU-s and "
+                         f"{_fmt(r.get('encoder_peak_mib'))} MiB of encoders per sample (peak, batch)"))  # fmt: skip
+    for flavor, p in (_get(train_b, "flop_projection") or {}).items():
+        if flavor.startswith("stage_b/") and not flavor.endswith(("tiny", "narrow")):
+            rows.append(_row(f"Stage B on the fly / on cache by FLOPs ({flavor}, {p.get('side_px')} px)",
+                             p.get("speedup"), "report", None,
+                             f"encoders {_fmt(p.get('encoder_gflop_per_sample'))} GFLOP/sample vs Stage B "
+                             f"{_fmt(p.get('stage_b_gflop_per_sample_fwd_bwd'))} (fwd+bwd)"))  # fmt: skip
     return rows
 
 
