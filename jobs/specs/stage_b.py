@@ -14,12 +14,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from jobs.specs.preview import png_grid
+from jobs.specs.preview import decoded, png_grid
 from jobs.specs.spec import TrainSpec
 from jobs.specs.stage_c import UNET_UNITS, build_generator
+from pipelines.core.notice import notice
+from pipelines.train_data.crops import crop_spec, training_crops
 from schemas import columns as c
 from stages.flavors import get_flavor
 from stages.gdf import GDF, stage_gdf
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 
 PREVIEW_TIMESTEPS, PREVIEW_CFG = 10, 1.1  # the Stage B sampling of the official notebooks
 STAGE_A_CELLS = 8  # one effnet cell (32 px) is 8 Stage A latent cells (4 px)
+STAGE_A_PX = 4  # pixels per Stage A latent cell
 
 
 def stage_b_columns(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -70,9 +74,10 @@ def objective(loop: TrainLoop, batch: MicroBatch, model: nn.Module) -> StepLoss:
 
 @torch.no_grad()
 def preview(loop: TrainLoop, batch: MicroBatch) -> bytes:
-    """Stage A's decode of the cached Stage A latents (top row: the crops as Stage A sees them) and of Stage B
-    samples (10 steps, cfg 1.1) conditioned on the cached effnet latents of the size nearest 3/4 of the crop
-    (the official reconstruction's ``effnet_factor``), unconditioned on zeros and the empty caption."""
+    """Rows: the original crops (re-read from the image shards the cache records), Stage A's decode of the cached
+    Stage A latents, and Stage A's decode of Stage B samples (10 steps, cfg 1.1) conditioned on the cached effnet
+    latent of the size nearest 3/4 of the crop (the official reconstruction's ``effnet_factor``) and
+    unconditioned on zeros and the empty caption. Without the image shards the first row is left out."""
     cfg = loop.config.preview
     stage_a = loop.frozen_model(cfg.stage_a, cfg.stage_a_weights)
     latents = loop.tensor(batch, c.STAGE_A)
@@ -88,7 +93,21 @@ def preview(loop: TrainLoop, batch: MicroBatch) -> bytes:
     x0 = loop.sample(cond, uncond, latents.shape, timesteps=cfg.timesteps or PREVIEW_TIMESTEPS,
                      cfg=PREVIEW_CFG if cfg.cfg is None else cfg.cfg)  # fmt: skip
     real = cfg.stage_a_weights is not None
-    return png_grid([stage_a.decode(latents), stage_a.decode(x0)], real_weights=real)
+    rows = [decoded(stage_a.decode(x), real_weights=real) for x in (latents, x0)]
+    return png_grid(_originals(loop, batch, n, latents.shape[-1] * STAGE_A_PX) + rows)
+
+
+def _originals(loop: TrainLoop, batch: MicroBatch, n: int, side: int) -> list[torch.Tensor]:
+    """The samples' Stage A crops (side² px, center) from their source shards; [] with a notice if unreadable."""
+    data = loop.config.data
+    keys, shards = batch[c.KEY].split("\n")[:n], batch[c.SOURCE_SHARD].split("\n")[:n]
+    try:
+        spec = crop_spec(data.path, None, data.storage_options)
+        crops = training_crops([(s, k, (side, side)) for s, k in zip(shards, keys, strict=True)], spec)
+    except (OSError, KeyError, ValueError) as err:
+        notice(f"preview: the original crops are left out ({err})")
+        return []
+    return [torch.from_numpy(np.stack(crops)).to(loop.device).float() / 255]
 
 
 def check_preview(config: TrainConfig) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jobs.specs.preview import png_grid
+from jobs.specs.preview import decoded, png_grid
 from jobs.specs.spec import Built, TrainSpec
 from pipelines.train_data.batches import IMAGES
 from schemas import columns as c
@@ -125,7 +125,7 @@ def preview(loop: TrainLoop, batch: MicroBatch) -> bytes:
     x0 = loop.sample(cond, uncond, latents.shape, timesteps=cfg.timesteps or PREVIEW_TIMESTEPS,
                      cfg=PREVIEW_CFG if cfg.cfg is None else cfg.cfg)  # fmt: skip
     real = cfg.previewer_weights is not None
-    return png_grid([previewer(latents), previewer(x0)], real_weights=real)
+    return png_grid([decoded(previewer(x), real_weights=real) for x in (latents, x0)])
 
 
 def check_previewer(config: TrainConfig) -> None:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     import ray.data
 
 CONDITION_COLUMNS = (c.EFFNET, c.CLIP_TEXT, c.CLIP_TEXT_POOLED, c.CLIP_IMG)
+TEXT_COLUMNS = (c.KEY, c.SOURCE_SHARD)  # per micro-batch: the samples' values joined by newlines
 IMAGES = "images"  # (micro_batch, 3, H, W) uint8 training crops, for ControlNet inputs
 MicroBatch = dict[str, Any]
 
@@ -341,7 +342,7 @@ def window_micro_batches(plan: WindowPlan, spec: ReadSpec) -> Iterator[MicroBatc
     tensors (micro_batch, *shape) in the stored dtype; with ``spec.crops`` also ``IMAGES``.
     """
     files = [spec.files[i] for i in plan.files]
-    columns = [c.KEY, *spec.columns, *((c.SOURCE_SHARD,) if spec.crops else ())]
+    columns = [c.KEY, c.SOURCE_SHARD, *spec.columns]
     tables = [
         table_to_batch(
             read_latent_table(f.uri, spec.format, storage_options=spec.storage_options, columns=columns)
@@ -362,9 +363,9 @@ def window_micro_batches(plan: WindowPlan, spec: ReadSpec) -> Iterator[MicroBatc
     crops = _crops(tables, [r for *_, rows in mine for r in rows], spec.crops) if spec.crops else None
     for n, (step, micro, rows) in enumerate(mine):
         out: MicroBatch = {"step": step, "micro": micro}
-        for name in [c.KEY, *spec.columns]:
+        for name in [c.KEY, c.SOURCE_SHARD, *spec.columns]:
             values = [tables[i][name][r] for i, r in rows]
-            out[name] = "\n".join(values) if name == c.KEY else np.stack(values)
+            out[name] = "\n".join(map(str, values)) if name in TEXT_COLUMNS else np.stack(values)
         if crops is not None:
             out[IMAGES] = np.stack(crops[n * m : (n + 1) * m])
         yield out
@@ -414,5 +415,6 @@ def iter_rank(shard: Any, prefetch_batches: int = 2) -> Iterator[MicroBatch]:
     """A worker's micro-batches from its ``get_dataset_shard`` (rows back to plain values)."""
     for row in shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=prefetch_batches):
         out = {k: v[0] for k, v in row.items()}
-        out["step"], out["micro"], out[c.KEY] = int(out["step"]), int(out["micro"]), str(out[c.KEY])
+        out["step"], out["micro"] = int(out["step"]), int(out["micro"])
+        out |= {name: str(out[name]) for name in TEXT_COLUMNS}
         yield out

@@ -15,8 +15,9 @@ from jobs.train_checkpoint import read_checkpoint
 from jobs.train_config import PreviewConfig, ScalingSpec, TrainConfig
 from pipelines.train_data.batches import TrainDataConfig
 from schemas import columns as c
-from tests.jobs.train_cache import build_cache
+from tests.jobs.train_cache import CAPTIONED, build_cache
 from tests.jobs.train_runs import kill_and_resume, loads_strictly_and_into_diffusers, metrics
+from tests.pipelines.photos import captions, jpeg
 
 HALF_CPU = ScalingSpec(num_workers=1, cpus_per_worker=0.5)
 
@@ -69,12 +70,32 @@ def test_a_tiny_stage_b_learns_on_cached_stage_a_latents(cache, tmp_path) -> Non
     checkpoint = Path(summary.checkpoint)
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "generator.safetensors", "optimizer.safetensors", "preview.png", "trainer_state.json"]  # fmt: skip
-    assert Image.open(checkpoint / "preview.png").size == (2 * 128, 2 * 128)  # 2 samples, 2 rows of 128 px
+    grid = np.asarray(Image.open(checkpoint / "preview.png"))
+    assert grid.shape == (
+        3 * 128,
+        2 * 128,
+        3,
+    )  # 2 samples; original crops, Stage A of the target, of the sample
+    originals = {name: _stage_a_crop(name) for name in CAPTIONED if name in captions()}
+    for i in range(2):  # the top row: the photos' 128 px center crops, pixel for pixel
+        tile = grid[:128, i * 128 : (i + 1) * 128]
+        assert any(np.array_equal(tile, crop) for crop in originals.values())
     gen = torch.Generator().manual_seed(0)
     inputs = {"sample": torch.randn(2, 4, 32, 32, generator=gen), "timestep_ratio": torch.rand(2, generator=gen),
               "effnet": torch.randn(2, 16, 3, 3, generator=gen),
               "clip_text_pooled": torch.randn(2, 1, 32, generator=gen)}  # fmt: skip
     loads_strictly_and_into_diffusers(checkpoint / "generator.safetensors", "stage_b/tiny", inputs)
+
+
+def _stage_a_crop(name: str) -> np.ndarray:
+    from pipelines.core.images import decode_rgb, to_float_chw
+    from pipelines.core.preprocess import PreprocessConfig, crop_for_stage_a
+
+    image = torch.from_numpy(to_float_chw(decode_rgb(jpeg(name), max_pixels=10**8)))
+    crop = crop_for_stage_a(
+        image, PreprocessConfig(mode="center", image_size_px=128, stage_a_size_px=128)
+    ).pixels
+    return (crop * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
 @pytest.fixture(scope="module")
