@@ -127,6 +127,8 @@ def test_two_workers_match_one_worker_with_doubled_accumulation(cache, one_worke
     assert (s1["world_size"], s2["world_size"]) == (1, 2)
 
 
+@pytest.mark.slow  # the same CLI kill-and-resume path runs by default for Stage B (test_train_b.py), and Stage C's
+# resume by default in test_a_killed_train_worker_restarts_from_its_checkpoint and the s3 resume test
 def test_kill_and_resume_repeats_the_uninterrupted_trajectory(cache, one_worker_run, tmp_path) -> None:
     """SIGKILL the `cascade train-c` process group after its first checkpoint, rerun it: same losses, same weights."""
     one_config, one = one_worker_run
