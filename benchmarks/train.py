@@ -105,22 +105,27 @@ class Settings:
 
 
 # --- the cache ----------------------------------------------------------------------------------------------
-def build_cache(root: Path, flavors: dict[str, str], samples: list, image_size_px: int, batch: int) -> Path:
-    """Ingest the photos and encode them with the set's encoders (Ray must be up); returns the cache."""
+def build_cache(
+    root: Path, flavors: dict[str, str], samples: list, image_size_px: int, batch: int,
+    roles: tuple[str, ...] = ENCODERS, **options: Any,
+) -> Path:  # fmt: skip
+    """Ingest the photos and encode them with the set's encoders for ``roles`` (Ray must be up); returns the
+    cache. ``options`` go to ``EncodeConfig`` (``stage_a_size_px`` to the preprocessing)."""
     from pipelines.core.preprocess import PreprocessConfig
     from pipelines.core.sources import SourceConfig
     from pipelines.encode.models import EncoderConfig
     from pipelines.encode.pipeline import EncodeConfig, run_encode
 
     shards = photos.ingest(samples, root, per_shard=len(samples))
-    weights = save_random_weights({r: flavors[r] for r in ENCODERS}, root / "weights")
+    weights = save_random_weights({r: flavors[r] for r in roles}, root / "weights")
     encoders = {role: EncoderConfig(flavor=flavors[role], weights=weights[role], batch_size=batch)
-                for role in ENCODERS}  # fmt: skip
+                for role in roles}  # fmt: skip
+    side = {"stage_a_size_px": options.pop("stage_a_size_px")} if "stage_a_size_px" in options else {}
     run_encode(
         EncodeConfig(
             shards=SourceConfig(kind="webdataset", path=str(shards)), output_dir=str(root / "cache"),
-            preprocess=PreprocessConfig(mode="center", image_size_px=image_size_px), formats=("parquet",),
-            **encoders,
+            preprocess=PreprocessConfig(mode="center", image_size_px=image_size_px, **side), formats=("parquet",),
+            **encoders, **options,
         )
     )  # fmt: skip
     return root / "cache"

@@ -76,7 +76,6 @@ import photos  # noqa: E402  (benchmarks/photos.py)
 import torch  # noqa: E402
 import train  # noqa: E402  (benchmarks/train.py: Clock, cached_step, the optimizer step, RSS helpers)
 from local_ray import local_ray  # noqa: E402  (benchmarks/local_ray.py)
-from weights import save_random_weights  # noqa: E402  (benchmarks/weights.py)
 
 NARROW = "stage_b/700m-narrow"
 SIZES: dict[str, dict[str, str]] = {
@@ -115,23 +114,10 @@ class Settings:
 # --- the cache ----------------------------------------------------------------------------------------------
 def build_cache(root: Path, flavors: dict[str, str], samples: list, side_px: int, batch: int) -> Path:
     """Ingest the photos and encode Stage A latents + Stage B conditioning (Ray must be up); the cache."""
-    from pipelines.core.preprocess import PreprocessConfig
-    from pipelines.core.sources import SourceConfig
     from pipelines.encode.models import EncoderConfig
-    from pipelines.encode.pipeline import EncodeConfig, run_encode
 
-    shards = photos.ingest(samples, root, per_shard=len(samples))
-    weights = save_random_weights({r: flavors[r] for r in ENCODERS}, root / "weights")
-    encoders = {role: EncoderConfig(flavor=flavors[role], weights=weights[role], batch_size=batch)
-                for role in ENCODERS}  # fmt: skip
-    run_encode(
-        EncodeConfig(
-            shards=SourceConfig(kind="webdataset", path=str(shards)), output_dir=str(root / "cache"),
-            preprocess=PreprocessConfig(mode="center", image_size_px=side_px, stage_a_size_px=side_px),
-            formats=("parquet",), clip_image=EncoderConfig(flavor=CLIP_IMAGE, batch_size=batch), **encoders,
-        )
-    )  # fmt: skip
-    return root / "cache"
+    return train.build_cache(root, flavors, samples, side_px, batch, ENCODERS, stage_a_size_px=side_px,
+                             clip_image=EncoderConfig(flavor=CLIP_IMAGE, batch_size=batch))  # fmt: skip
 
 
 def train_config(cache: Path, out: Path, stage_b: str, settings: Settings, max_steps: int) -> Any:

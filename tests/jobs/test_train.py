@@ -20,7 +20,12 @@ from jobs.train_config import ControlNetTrainConfig, EmaConfig, PreviewConfig, S
 from pipelines.train_data.batches import TrainDataConfig, window_micro_batches
 from stages.flavors import build_model
 from tests.jobs.train_cache import build_cache
-from tests.jobs.train_runs import kill_and_resume, loads_strictly_and_into_diffusers, metrics
+from tests.jobs.train_runs import (
+    kill_and_resume,
+    loads_strictly_and_into_diffusers,
+    metrics,
+    two_workers_match,
+)
 from tests.s3 import moto_endpoint
 
 # two Ray Train workers and the read tasks share CI's 2 CPUs
@@ -110,17 +115,7 @@ def one_worker_run(cache, tmp_path_factory):
 
 
 def test_two_workers_match_one_worker_with_doubled_accumulation(cache, one_worker_run, tmp_path) -> None:
-    one_config, one = one_worker_run
-    two = run_train(dataclasses.replace(
-        one_config, output_dir=str(tmp_path), grad_accum_steps=1, scaling=dataclasses.replace(HALF_CPU, num_workers=2)
-    ))  # fmt: skip
-    losses_one, losses_two = [r["loss"] for r in metrics(one)], [r["loss"] for r in metrics(two)]
-    assert len(losses_one) == len(losses_two) == 16
-    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5, atol=1e-6)
-    w1, _, s1 = read_checkpoint(one.checkpoint)
-    w2, _, s2 = read_checkpoint(two.checkpoint)
-    diff = max((w1["generator"][k] - w2["generator"][k]).abs().max().item() for k in w1["generator"])
-    assert diff <= 1e-5, f"weights differ by {diff}"
+    s1, s2 = two_workers_match(*one_worker_run, tmp_path)
     np.testing.assert_allclose(
         s1["adaptive_loss"]["bucket_losses"], s2["adaptive_loss"]["bucket_losses"], rtol=1e-5
     )

@@ -11,12 +11,16 @@ import torch
 from PIL import Image
 
 from jobs.train import check_train, run_train
-from jobs.train_checkpoint import read_checkpoint
 from jobs.train_config import PreviewConfig, ScalingSpec, TrainConfig
 from pipelines.train_data.batches import TrainDataConfig
 from schemas import columns as c
 from tests.jobs.train_cache import CAPTIONED, build_cache
-from tests.jobs.train_runs import kill_and_resume, loads_strictly_and_into_diffusers, metrics
+from tests.jobs.train_runs import (
+    kill_and_resume,
+    loads_strictly_and_into_diffusers,
+    metrics,
+    two_workers_match,
+)
 from tests.pipelines.photos import captions, jpeg
 
 HALF_CPU = ScalingSpec(num_workers=1, cpus_per_worker=0.5)
@@ -106,17 +110,7 @@ def one_worker_run(cache, tmp_path_factory):
 
 
 def test_two_workers_match_one_worker_with_doubled_accumulation(cache, one_worker_run, tmp_path) -> None:
-    one_config, one = one_worker_run
-    two = run_train(dataclasses.replace(
-        one_config, output_dir=str(tmp_path), grad_accum_steps=1, scaling=dataclasses.replace(HALF_CPU, num_workers=2)
-    ))  # fmt: skip
-    losses_one, losses_two = [r["loss"] for r in metrics(one)], [r["loss"] for r in metrics(two)]
-    assert len(losses_one) == len(losses_two) == 12
-    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5, atol=1e-6)
-    w1, _, s1 = read_checkpoint(one.checkpoint)
-    w2, _, s2 = read_checkpoint(two.checkpoint)
-    diff = max((w1["generator"][k] - w2["generator"][k]).abs().max().item() for k in w1["generator"])
-    assert diff <= 1e-5, f"weights differ by {diff}"
+    s1, s2 = two_workers_match(*one_worker_run, tmp_path)
     assert (s1["mode"], s1["world_size"], s2["world_size"]) == ("stage_b", 1, 2)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from jobs.train import latest_checkpoint
+from jobs.train import latest_checkpoint, run_train
 from jobs.train_checkpoint import read_checkpoint
 from jobs.train_config import TrainConfig
 from stages.flavors import build_model
@@ -59,6 +59,23 @@ def kill_and_resume(command: str, config: TrainConfig, reference) -> None:
     w_resumed, _, _ = read_checkpoint(Path(config.run_dir) / f"checkpoint_{config.max_steps:08d}")
     w_ref, _, _ = read_checkpoint(reference.checkpoint)
     assert all(torch.allclose(w_resumed["generator"][k], v, atol=1e-6) for k, v in w_ref["generator"].items())
+
+
+def two_workers_match(one_config: TrainConfig, one, out: Path) -> tuple[dict, dict]:
+    """Rerun ``one_config`` (1 worker, accumulation 2) on 2 workers with accumulation 1 into ``out``: the same
+    losses (rtol 1e-5) and generator weights (1e-5) as ``one`` (its summary); returns both trainer states."""
+    two = run_train(dataclasses.replace(
+        one_config, output_dir=str(out), grad_accum_steps=1,
+        scaling=dataclasses.replace(one_config.scaling, num_workers=2),
+    ))  # fmt: skip
+    losses_one, losses_two = [r["loss"] for r in metrics(one)], [r["loss"] for r in metrics(two)]
+    assert len(losses_one) == len(losses_two) == one_config.max_steps
+    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5, atol=1e-6)
+    w1, _, s1 = read_checkpoint(one.checkpoint)
+    w2, _, s2 = read_checkpoint(two.checkpoint)
+    diff = max((w1["generator"][k] - w2["generator"][k]).abs().max().item() for k in w1["generator"])
+    assert diff <= 1e-5, f"weights differ by {diff}"
+    return s1, s2
 
 
 def loads_strictly_and_into_diffusers(path: Path, flavor: str, inputs: dict[str, torch.Tensor]) -> None:
