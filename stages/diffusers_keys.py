@@ -18,13 +18,16 @@ _QKV = ("to_q", "to_k", "to_v")
 
 
 def official_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an official Stage B or Stage C state dict into diffusers' layout."""
+    """Rename an official Stage B or Stage C state dict into diffusers' layout.
+
+    The q/k/v parts are copies, not views of the fused tensor: safetensors refuses tensors that share memory.
+    """
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
             stem, kind = key.rsplit(".attn.in_proj_", 1)
             for name, part in zip(_QKV, value.chunk(3, dim=0), strict=True):
-                out[f"{stem}.{name}.{kind}"] = part
+                out[f"{stem}.{name}.{kind}"] = part.clone()
         elif ".attn.out_proj." in key:
             out[key.replace(".attn.out_proj.", ".to_out.0.")] = value
         elif key.startswith("clip_mapper."):
@@ -58,6 +61,11 @@ def diffusers_to_official(state: dict[str, torch.Tensor], *, stage: str) -> dict
         else:
             out[key] = value
     return out
+
+
+def diffusers_stage(config: dict[str, Any]) -> str:
+    """``"b"`` or ``"c"`` for a ``StableCascadeUNet`` config (Stage B is the one with an effnet input)."""
+    return "b" if config.get("effnet_in_channels") else "c"
 
 
 def _block_types(level_config: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
