@@ -1,9 +1,27 @@
-"""Safe image probing and decoding for untrusted web bytes (pure functions; no Ray).
+"""Safe probing and decoding of untrusted image bytes, and the one image-format policy (pure functions; no Ray).
+
+**The format policy** (used by ingest validation, every shard reader, score, encode, report and training crops):
+
+- Pillow identifies the bytes (``PIL.Image.open`` over all its plugins, header only); the file name or member
+  extension never decides what the bytes are.
+- ``SUPPORTED_FORMATS``: every format Pillow opens here except ``UNSUPPORTED_FORMATS`` (EPS runs Ghostscript;
+  WMF, MPEG, BUFR, GRIB and HDF5 have no decoder in Pillow on Linux). Bytes in those are rejected as
+  ``"format EPS not supported"``.
+- ``DEFAULT_FORMATS``: what ingest accepts unless ``validate.formats`` says otherwise: the web's and datasets'
+  raster formats (JPEG, PNG, WebP, AVIF, GIF, TIFF, BMP, JPEG 2000, PBM/PGM/PPM, TGA, ICO). Any other
+  supported format is rejected as ``"format PCX not allowed (validate.formats)"`` until it is listed there.
+  Steps after ingest (score, encode's decode, report, training crops) decode every supported format: they
+  read what ingest let through.
+- ``IMAGE_EXTENSIONS``: the file and WebDataset member extensions that hold an image (every extension Pillow
+  registers for a format it opens, common ones first: a sample's image member is the first of these it has);
+  ``SIDECAR_EXTENSIONS`` (``txt``, ``json``) hold the caption and metadata; ``member_extension`` names the
+  member an ingested image is written as.
 
 Every failure raises one exception type, :class:`ImageError`, whose ``reason`` is a short machine-friendly
-string that steps store as a reject reason: ``"empty file"``, ``"not an image"``, ``"decompression bomb"``,
-``"truncated image"``, ``"corrupt image"``, ``"unsupported mode"``, ``"too small"``,
-``"extreme aspect ratio"``.
+string that steps store as a reject reason: ``"empty file"``, ``"not an image"`` (no Pillow plugin
+recognises the bytes), ``"format X not allowed (validate.formats)"``, ``"format X not supported"``,
+``"decompression bomb"``, ``"truncated image"``, ``"corrupt image"``, ``"unsupported mode"``,
+``"too small"``, ``"extreme aspect ratio"``.
 
 Sizes are checked from the header *before* any pixel is decoded. Truncated files are refused: this module
 never relies on ``ImageFile.LOAD_TRUNCATED_IMAGES`` (and warns if something in the process enabled it).
@@ -23,12 +41,71 @@ from PIL import Image, ImageFile
 
 Image.init()
 
-#: Formats Pillow may open: the web's raster formats. Exotic plugins (EPS runs Ghostscript, ...) stay off.
+#: Formats Pillow opens but this project never decodes, with the reason shown in the reject detail.
+UNSUPPORTED_FORMATS: dict[str, str] = {
+    "EPS": "decoding EPS runs Ghostscript, an external program",
+    "WMF": "Pillow decodes WMF/EMF only on Windows",
+    "MPEG": "Pillow reads only the header of MPEG video",
+    "BUFR": "Pillow has only a stub for BUFR (no decoder)",
+    "GRIB": "Pillow has only a stub for GRIB (no decoder)",
+    "HDF5": "Pillow has only a stub for HDF5 (no decoder)",
+}
+#: Every Pillow format id this project decodes (``validate.formats`` may list any of these).
+SUPPORTED_FORMATS: tuple[str, ...] = tuple(f for f in Image.ID if f not in UNSUPPORTED_FORMATS)
+#: What ingest accepts by default (``validate.formats``): the web's and datasets' raster formats.
 DEFAULT_FORMATS: tuple[str, ...] = tuple(
-    f for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF") if f in Image.OPEN
+    f
+    for f in ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "TIFF", "BMP", "JPEG2000", "PPM", "TGA", "ICO")
+    if f in Image.OPEN
 )
 #: Pillow's own default limit (~9459² px, 256 MiB as RGB); above it Pillow itself warns of a bomb.
 PILLOW_MAX_PIXELS = 89_478_485
+
+# The member extension an ingested image of each format is written as (else Pillow's first registered one).
+_MEMBER_EXTENSION = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif", "JPEG2000": "jp2", "PPM": "pnm", "SGI": "sgi"}  # fmt: skip
+_COMMON_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "avif", "gif", "tif", "tiff", "bmp", "jp2", "pnm", "ppm",
+                      "pgm", "pbm", "tga", "ico")  # fmt: skip
+
+
+def _registered_extensions() -> dict[str, str]:
+    """extension (no dot, lower case) -> Pillow format id, for the formats Pillow opens (MPO is a JPEG)."""
+    out = {ext.lstrip(".").lower(): fmt for ext, fmt in Image.registered_extensions().items()
+           if fmt in Image.OPEN or fmt == "MPO"}  # fmt: skip
+    for fmt in Image.OPEN:  # formats without a registered extension are written as their own name
+        if fmt not in out.values():
+            out.setdefault(fmt.lower(), fmt)
+    return out
+
+
+_EXTENSION_FORMATS = _registered_extensions()
+#: Extensions (no dot, lower case) of files and WebDataset members that hold an image, common ones first.
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(
+    dict.fromkeys([*(e for e in _COMMON_EXTENSIONS if e in _EXTENSION_FORMATS), *sorted(_EXTENSION_FORMATS)])
+)
+#: Extensions of a sample's caption (``txt``) and metadata (``json``) next to its image.
+SIDECAR_EXTENSIONS: tuple[str, ...] = ("txt", "json")
+
+
+def member_extension(image_format: str) -> str:
+    """The extension an image of ``image_format`` (a Pillow id or ``ImageInfo.format``) is stored under."""
+    fmt = image_format.upper()
+    if fmt in _MEMBER_EXTENSION:
+        return _MEMBER_EXTENSION[fmt]
+    return next((e for e, f in _EXTENSION_FORMATS.items() if f == fmt), fmt.lower())
+
+
+def check_formats(formats: Sequence[str], field: str = "validate.formats") -> tuple[str, ...]:
+    """``formats`` as upper-case Pillow ids; ValueError naming ``field`` for an unknown or unsupported one."""
+    if isinstance(formats, str) or not formats:
+        raise ValueError(f"{field}={formats!r} must be a non-empty list of {list(SUPPORTED_FORMATS)}")
+    out = tuple(str(f).upper() for f in formats)
+    for fmt in out:
+        if fmt in UNSUPPORTED_FORMATS:
+            raise ValueError(f"{field}: {fmt} is never decoded: {UNSUPPORTED_FORMATS[fmt]}")
+        if fmt not in SUPPORTED_FORMATS:
+            raise ValueError(f"{field}: unknown format {fmt!r}; Pillow ids: {list(SUPPORTED_FORMATS)}")
+    return out
+
 
 # EXIF orientation -> transposition that displays the image upright (the table of ImageOps.exif_transpose).
 _ORIENTATION_TRANSPOSE = {
@@ -80,20 +157,29 @@ def _pillow_guard() -> Iterator[None]:
 
 
 def _open(data: bytes, max_pixels: int, formats: Sequence[str]) -> Image.Image:
-    """Open lazily (header only) and refuse images larger than ``max_pixels`` before decoding."""
+    """Identify the bytes as Pillow does (every plugin, header only), apply the format policy, and refuse
+    images larger than ``max_pixels`` before decoding."""
     if data is None or len(data) == 0:
         raise ImageError("empty file")
     try:
-        im = Image.open(io.BytesIO(data), formats=[f for f in formats if f in Image.OPEN])
+        im = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise
     except Exception as e:  # UnidentifiedImageError, SyntaxError, struct.error, ... from header parsing
         # drop object reprs ("<_io.BytesIO object at 0x...>") so the same input gives the same detail
         detail = re.sub(r"<[^>]* at 0x[0-9a-f]+>", "<bytes>", f"{type(e).__name__}: {e}")
         raise ImageError("not an image", detail) from e
+    fmt = "JPEG" if im.format == "MPO" else str(im.format)  # MPO: a camera JPEG with extra frames
+    if fmt in UNSUPPORTED_FORMATS:
+        raise ImageError(f"format {fmt} not supported", UNSUPPORTED_FORMATS[fmt])
+    if fmt not in formats:
+        raise ImageError(
+            f"format {fmt} not allowed (validate.formats)",
+            f"Pillow reads a {fmt}; allowed: {', '.join(formats)}",
+        )
     width, height = im.size
     if width < 1 or height < 1:
-        raise ImageError("not an image", f"header claims {width}x{height} px")
+        raise ImageError("not an image", f"{fmt} header claims {width}x{height} px")
     if width * height > max_pixels:
         raise ImageError(
             "decompression bomb", f"header claims {width}x{height} = {width * height} px > {max_pixels}"
@@ -120,16 +206,17 @@ def _format_name(im: Image.Image) -> str:
     return "jpeg" if im.format == "MPO" else str(im.format).lower()  # MPO: camera JPEG with extra frames
 
 
-def probe_image(data: bytes, *, max_pixels: int, formats: Sequence[str] = DEFAULT_FORMATS) -> ImageInfo:
+def probe_image(data: bytes, *, max_pixels: int, formats: Sequence[str] = SUPPORTED_FORMATS) -> ImageInfo:
     """Read format and upright size from the header only; refuse bombs before any decoding.
 
     Args:
         data: the encoded file.
         max_pixels: refuse images whose header claims more pixels than this.
-        formats: Pillow format ids allowed to open the bytes.
+        formats: Pillow format ids allowed (ingest passes ``validate.formats``; later steps every supported one).
 
     Raises:
-        ImageError: "empty file", "not an image" or "decompression bomb".
+        ImageError: "empty file", "not an image", "format X not allowed (validate.formats)",
+            "format X not supported" or "decompression bomb".
     """
     with _pillow_guard():
         im = _open(data, max_pixels, formats)
@@ -156,7 +243,8 @@ def check_geometry(width: int, height: int, *, min_side_px: int, max_aspect_rati
 
 def _load(im: Image.Image) -> None:
     try:
-        im.seek(0)  # animated GIF/PNG/WebP: the first frame
+        if im.tell():  # animated GIF/PNG/WebP: the first frame (a fresh image is on it already)
+            im.seek(0)
         im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise
@@ -189,15 +277,15 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
         raise ImageError("unsupported mode", f"{mode}: {type(e).__name__}: {e}") from e
 
 
-def decode_rgb(data: bytes, *, max_pixels: int, formats: Sequence[str] = DEFAULT_FORMATS) -> np.ndarray:
+def decode_rgb(data: bytes, *, max_pixels: int, formats: Sequence[str] = SUPPORTED_FORMATS) -> np.ndarray:
     """Fully decode an untrusted image into an upright (H, W, 3) uint8 RGB array.
 
     Refuses bombs from the header, then decodes the first frame (animations), applies the EXIF orientation,
     converts CMYK, 16-bit and grayscale to 8-bit RGB and composites transparency on white.
 
     Raises:
-        ImageError: "empty file", "not an image", "decompression bomb", "truncated image",
-            "corrupt image" or "unsupported mode".
+        ImageError: "empty file", "not an image", "format X not allowed (validate.formats)", "format X not
+            supported", "decompression bomb", "truncated image", "corrupt image" or "unsupported mode".
     """
     with _pillow_guard():
         im = _open(data, max_pixels, formats)

@@ -1,9 +1,22 @@
 """Existing image–text data as sample records: WebDataset tars, Parquet with image bytes, image folders.
 
-A source is split into *shards* (one tar, one Parquet file, or a fixed group of folder images); each shard
-is read by one task into batches of sample rows (``schemas.columns.SAMPLE_COLUMNS`` minus the fields the
+A source is split into *shards* (one tar, one Parquet file, or a fixed group of folder keys); each shard is
+read by one task into batches of sample rows (``schemas.columns.SAMPLE_COLUMNS`` minus the fields the
 validate step fills in). Reading never raises for bad data: an unreadable file, a corrupt tar member or a
 tar member with an unsafe path becomes a row marked rejected (step ``read``), so counts add up.
+
+Which member or file is an image follows the one format policy of ``pipelines.core.images``
+(``IMAGE_EXTENSIONS``; a sample's image is the first of those it has), and so does every reader.
+
+- **Duplicate keys**: in every source kind the first sample of a key is kept and every later one is the reject
+  "duplicate key" (a tar that repeats a key, a Parquet key column with repeats, or two folder images with the
+  same name and different extensions).
+- **Folders**: every file under the folder (outside ``_*``/``.*`` sub-folders, where staging and commit records
+  live) is accounted for: an image with its sidecars ``<name>.txt`` (caption) and ``<name>.json``
+  (metadata) is a sample keyed by its path below the folder without extension; any other file is a reject:
+  "unsupported file type .bin", "sidecar without image" (a ``.txt``/``.json`` with no image of its name),
+  "duplicate key" or "duplicate sidecar" (``x.txt`` and ``x.TXT``). So ``files = samples + rejects +
+  sidecars`` over the folder.
 """
 
 from __future__ import annotations
@@ -18,11 +31,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.core.images import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS
 from pipelines.core.step import Batch, object_column
 from schemas.columns import CAPTION, IMAGE, KEY, META_JSON, REJECT_DETAIL, REJECT_REASON, REJECT_STEP, SOURCE
 
 SOURCE_KINDS = ("webdataset", "parquet", "folder")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 READ_COLUMNS = (KEY, SOURCE, CAPTION, IMAGE, META_JSON, REJECT_STEP, REJECT_REASON, REJECT_DETAIL)
 
 
@@ -31,14 +44,14 @@ class SourceConfig:
     """Where existing samples live and how to read them.
 
     Attributes:
-        kind: ``webdataset`` (tars: key.jpg/png/webp + key.txt + key.json), ``parquet`` (image bytes in a
-            column) or ``folder`` (images with sidecar ``.txt`` captions and optional ``.json``).
+        kind: ``webdataset`` (tars: key.<image extension> + key.txt + key.json), ``parquet`` (image bytes in
+            a column) or ``folder`` (images with sidecar ``.txt`` captions and optional ``.json``).
         path: a directory, a file, or a glob; local or any fsspec URL (``s3://bucket/prefix/*.tar``).
         image_column: Parquet column with the encoded bytes (a list column uses its first image; an HF
             ``{bytes, path}`` struct uses ``bytes``).
         caption_column: Parquet column with the caption.
         key_column: Parquet column with a unique key; None derives ``<shard:05d><row:07d>``.
-        samples_per_shard: folder images per shard.
+        samples_per_shard: folder keys (an image with its sidecars, or a file that is rejected) per shard.
         batch_rows: rows per batch yielded by a shard reader.
         endpoint_url: S3-compatible endpoint (None: AWS defaults); credentials come from the environment.
     """
@@ -96,21 +109,69 @@ def _find(config: SourceConfig, extensions: tuple[str, ...]) -> list[str]:
     return sorted(_unstrip(fs, p) for p in paths)
 
 
+def _split_file(path: str) -> tuple[str, str]:
+    """A folder file's stem and extension (lower case, no dot; ``""`` for none: ``.DS_Store``, ``README``)."""
+    stem, ext = posixpath.splitext(path)
+    return stem, ext.lstrip(".").lower()
+
+
+def _folder_base(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """The folder keys are relative to: the folder itself, a glob's fixed part, or a single file's folder."""
+    if any(ch in root for ch in "*?["):
+        fixed = root[: min(root.index(ch) for ch in "*?[" if ch in root)]
+        return fixed.rsplit("/", 1)[0] if "/" in fixed else ""
+    return root.rstrip("/") if fs.isdir(root) else posixpath.dirname(root)
+
+
+def _folder_files(config: SourceConfig) -> list[str]:
+    """Every file of a folder source: the folder's files (outside ``_*``/``.*`` sub-folders), or a glob's or
+    single file's matches plus the ``.txt``/``.json`` sidecars next to them."""
+    fs, root = _filesystem(config)
+    if fs.isdir(root):
+        base = root.rstrip("/") + "/"
+        return sorted(p for p in fs.find(root) if not _hidden(p[len(base) :]))
+    if any(ch in root for ch in "*?["):
+        matched = [p for p, info in fs.glob(root, detail=True).items() if info.get("type") != "directory"]
+    else:
+        matched = [root] if fs.exists(root) else []
+    stems = {_split_file(p)[0] for p in matched if _split_file(p)[1] in IMAGE_EXTENSIONS}
+    sidecars = [p for parent in sorted({posixpath.dirname(s) for s in stems}) for p in fs.ls(parent, detail=False)
+                if _split_file(p)[0] in stems and _split_file(p)[1] in SIDECAR_EXTENSIONS]  # fmt: skip
+    return sorted({*matched, *sidecars})
+
+
+def _by_stem(paths: list[str]) -> dict[str, list[str]]:
+    """Folder files grouped by stem (an image and its sidecars), groups in path order, files in path order with
+    lower-case extensions first (``x.txt`` before ``x.TXT``)."""
+    groups: dict[str, list[str]] = {}
+    for path in sorted(paths):
+        groups.setdefault(_split_file(path)[0], []).append(path)
+    return {stem: sorted(files, key=lambda f: (not f.endswith(f.rsplit(".", 1)[-1].lower()), f))
+            for stem, files in groups.items()}  # fmt: skip
+
+
 def shard_id(uri: str) -> str:
     """An input shard's id: its file name without extension (``.../00012.tar`` → ``00012``)."""
     return posixpath.basename(uri.rstrip("/")).split(".", 1)[0]
 
 
 def list_shards(config: SourceConfig) -> list[dict[str, Any]]:
-    """One row per shard: ``{"shard_index", "uris"}``, in a stable order (shard ids name the outputs)."""
+    """One row per shard: ``{"shard_index", "uris"}``, in a stable order (shard ids name the outputs).
+
+    A folder shard's ``uris`` are all its files (images, sidecars, others), ``samples_per_shard`` keys each.
+    """
     if config.kind == "webdataset":
         groups = [[p] for p in _find(config, ("tar",))]
     elif config.kind == "parquet":
         groups = [[p] for p in _find(config, ("parquet",))]
     else:
-        images = _find(config, IMAGE_EXTENSIONS)
+        fs, _ = _filesystem(config)
+        files = _folder_files(config)
+        if not files:
+            raise FileNotFoundError(f"source.path={config.path!r}: no files found")
+        stems = list(_by_stem(files).values())
         n = config.samples_per_shard
-        groups = [images[i : i + n] for i in range(0, len(images), n)]
+        groups = [[_unstrip(fs, p) for g in stems[i : i + n] for p in g] for i in range(0, len(stems), n)]
     return [{"shard_index": i, "uris": uris} for i, uris in enumerate(groups)]
 
 
@@ -129,11 +190,23 @@ def unique_shards(source: SourceConfig) -> dict[str, dict[str, Any]]:
 
 
 class _Rows:
-    """Accumulates rows and hands them out as column batches of ``batch_rows``."""
+    """Accumulates rows and hands them out as column batches of ``batch_rows``; a sample whose key an earlier
+    sample of the shard had becomes the reject "duplicate key" (the first is kept)."""
 
     def __init__(self, batch_rows: int) -> None:
         self.batch_rows = batch_rows
         self.rows: list[dict[str, Any]] = []
+        self.keys: dict[str, str] = {}  # sample key -> where its first sample came from
+
+    def first(self, key: str, source: str, where: str) -> bool:
+        """Claim ``key`` for the sample of ``source`` described by ``where``; False (and a "duplicate key"
+        reject row) if an earlier sample has it."""
+        if key in self.keys:
+            detail = f"{where}: key {key!r} already holds the sample of {self.keys[key]}; the first is kept"
+            self.add(key, source, reject=("duplicate key", detail))
+            return False
+        self.keys[key] = where
+        return True
 
     def add(self, key: str, source: str, *, caption: Any = None, image: Any = None, meta: str = "{}",
             reject: tuple[str, str] | None = None) -> None:  # fmt: skip
@@ -166,9 +239,13 @@ def _unsafe(name: str) -> bool:
 
 
 def _add_sample(rows: _Rows, key: str, source: str, parts: dict[str, bytes]) -> None:
+    """One WebDataset sample: its image is the first member in ``IMAGE_EXTENSIONS`` order."""
+    if not rows.first(key, source, f"members {', '.join(f'{key}.{e}' for e in parts)}"):
+        return
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
     if image_ext is None:
-        rows.add(key, source, reject=("missing image", f"members: {sorted(parts)}"))
+        members = ", ".join(f"{key}.{e}" for e in sorted(parts))
+        rows.add(key, source, reject=("missing image", f"members {members}: none has an image extension"))
         return
     meta = parts.get("json", b"{}").decode("utf-8", errors="replace")
     rows.add(key, source, caption=parts.get("txt"), image=parts[image_ext], meta=meta)
@@ -249,7 +326,8 @@ def _read_parquet(uri: str, shard_index: int, config: SourceConfig) -> Iterator[
                         else f"{shard_index:05d}{offset + i:07d}"
                     )
                     caption = data[config.caption_column][i]
-                    rows.add(key, uri, caption=caption, image=_first_image(data[config.image_column][i]))
+                    if rows.first(key, uri, f"row {offset + i}"):
+                        rows.add(key, uri, caption=caption, image=_first_image(data[config.image_column][i]))
                 offset += record_batch.num_rows
                 yield from rows.drain()
     except (OSError, KeyError, pa.ArrowException) as exc:
@@ -258,22 +336,61 @@ def _read_parquet(uri: str, shard_index: int, config: SourceConfig) -> Iterator[
 
 
 def _read_folder(uris: list[str], config: SourceConfig) -> Iterator[Batch]:
+    """Every file of the shard becomes a sample (an image, with its sidecars), a reject, or a sidecar."""
     rows = _Rows(config.batch_rows)
-    fs, _ = _filesystem(config)
-    for uri in uris:
-        stem = uri.rsplit(".", 1)[0]
-        key = posixpath.basename(stem)
-        try:
-            image = fs.cat_file(uri)
-            caption = fs.cat_file(f"{stem}.txt") if fs.exists(f"{stem}.txt") else None
-            meta = (
-                fs.cat_file(f"{stem}.json").decode("utf-8", "replace") if fs.exists(f"{stem}.json") else "{}"
+    fs, root = _filesystem(config)
+    base = _unstrip(fs, _folder_base(fs, root)).rstrip("/")
+
+    def relative(path: str) -> str:
+        return path[len(base) + 1 :] if base and path.startswith(base + "/") else posixpath.basename(path)
+
+    order = {e: i for i, e in enumerate(IMAGE_EXTENSIONS)}
+    for stem, files in _by_stem(uris).items():
+        key = relative(stem)
+        images = sorted(
+            (f for f in files if _split_file(f)[1] in order), key=lambda f: order[_split_file(f)[1]]
+        )
+        sidecars: dict[str, str] = {}
+        for path in files:
+            if images and _split_file(path)[1] in SIDECAR_EXTENSIONS:
+                sidecars.setdefault(_split_file(path)[1], path)  # the sample's caption / metadata
+        if images:  # its image is the first in IMAGE_EXTENSIONS order, as in a tar
+            _folder_sample(
+                rows, fs, key, images[0], sidecars.get("txt"), sidecars.get("json"), relative(images[0])
             )
-            rows.add(key, uri, caption=caption, image=image, meta=meta)
-        except OSError as exc:
-            rows.add(key, uri, reject=("unreadable file", f"{type(exc).__name__}: {exc}"))
+        for path in files:  # every other file: a reject
+            ext = _split_file(path)[1]
+            if path in images[1:]:
+                rows.first(key, path, relative(path))  # a "duplicate key"
+            elif ext in SIDECAR_EXTENSIONS and images and sidecars[ext] != path:  # x.txt and x.TXT
+                rows.add(
+                    relative(path),
+                    path,
+                    reject=("duplicate sidecar", f"{key}: {relative(sidecars[ext])} is used"),
+                )
+            elif ext in SIDECAR_EXTENSIONS and not images:
+                detail = f"{relative(path)}: no image named {key}.<image extension> next to it"
+                rows.add(relative(path), path, reject=("sidecar without image", detail))
+            elif ext not in order and ext not in SIDECAR_EXTENSIONS:
+                reason = f"unsupported file type .{ext}" if ext else "unsupported file type (no extension)"
+                detail = f"{relative(path)}: neither an image extension nor a .txt/.json sidecar"
+                rows.add(relative(path), path, reject=(reason, detail))
         yield from rows.drain()
     yield from rows.drain(final=True)
+
+
+def _folder_sample(rows: _Rows, fs: fsspec.AbstractFileSystem, key: str, image: str, txt: str | None,
+                   meta: str | None, where: str) -> None:  # fmt: skip
+    if not rows.first(key, image, where):
+        return
+    try:
+        data = fs.cat_file(image)
+        caption = fs.cat_file(txt) if txt else None
+        meta_json = fs.cat_file(meta).decode("utf-8", "replace") if meta else "{}"
+    except OSError as exc:
+        rows.add(key, image, reject=("unreadable file", f"{type(exc).__name__}: {exc}"))
+        return
+    rows.add(key, image, caption=caption, image=data, meta=meta_json)
 
 
 def read_shard(config: SourceConfig, shard: dict[str, Any]) -> Iterator[Batch]:

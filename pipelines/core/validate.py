@@ -1,10 +1,16 @@
 """ValidateSamples: the first step after ingest; it turns every unusable sample into a reject, never a crash.
 
 Per healthy row, in order: the key is present, the caption decodes (UTF-8) and is neither empty nor too
-long, ``meta_json`` is a JSON object, the image header is sane (no bomb; not too small; no extreme aspect),
-the image fully decodes once (catches truncation), and the key was not already accepted earlier in the same
-batch (the first accepted occurrence wins). Duplicates *across* batches are the pipeline's job: it sees
-every key. Any unexpected exception becomes the reject "unexpected error" with the exception text.
+long, ``meta_json`` is a JSON object, the image is in an allowed format (``formats``, the format policy of
+``pipelines.core.images``) with a sane header (no bomb; not too small; no extreme aspect), the image fully
+decodes once (catches truncation), and the key was not already accepted earlier in the same batch (the first
+accepted occurrence wins). Duplicates *across* batches are the pipeline's job: it sees every key (the shard
+readers already reject a repeated key, keeping the first). Any unexpected exception becomes the reject
+"unexpected error" with the exception text.
+
+With ``allow_empty_caption`` a sample without a caption (no ``.txt``: clip-retrieval style shards, a
+caption-less Parquet row or folder image) or with a blank one gets the empty caption ``""``; encode gives it
+the dataset's stored empty-caption embedding.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pipelines.core.images import (
     DEFAULT_FORMATS,
     PILLOW_MAX_PIXELS,
     ImageError,
+    check_formats,
     check_geometry,
     decode_rgb,
     probe_image,
@@ -57,8 +64,11 @@ class ValidateConfig:
         min_side_px: refuse images whose shorter side is smaller ("too small").
         max_aspect_ratio: refuse images whose long/short side ratio is larger ("extreme aspect ratio").
         max_caption_bytes: refuse captions longer than this in UTF-8 ("caption too long").
-        allow_empty_caption: accept empty or whitespace-only captions instead of rejecting them.
-        formats: Pillow format ids that may open the bytes; anything else is "not an image".
+        allow_empty_caption: accept a missing, empty or whitespace-only caption as the empty caption ``""``
+            instead of rejecting it ("missing caption", "empty caption").
+        formats: Pillow format ids accepted (any of ``pipelines.core.images.SUPPORTED_FORMATS``; default
+            ``DEFAULT_FORMATS``). Bytes Pillow reads as another supported format are rejected as
+            "format X not allowed (validate.formats)"; bytes no plugin recognises are "not an image".
         full_decode: decode every image once to catch truncation; a pipeline that decodes right after
             (encode) turns it off and reports truncation from its own decode.
     """
@@ -88,9 +98,7 @@ class ValidateConfig:
             raise ValueError(f"max_caption_bytes={self.max_caption_bytes!r} must be an int >= 1")
         if not isinstance(self.allow_empty_caption, bool):
             raise ValueError(f"allow_empty_caption={self.allow_empty_caption!r} must be a bool")
-        unknown = [f for f in self.formats if f not in Image.OPEN]
-        if not self.formats or unknown or isinstance(self.formats, str):
-            raise ValueError(f"formats={self.formats!r} must be a non-empty tuple of {sorted(Image.OPEN)}")
+        object.__setattr__(self, "formats", check_formats(self.formats, "formats"))
 
 
 class _Reject(Exception):
@@ -176,10 +184,14 @@ class ValidateSamples(Step):
         if key is None or not isinstance(key, str) or not key:
             raise _Reject("missing key", f"key={key!r}")
         caption = _text(batch[CAPTION][row], "caption")
-        if caption is None:
-            raise _Reject("missing caption")
-        if not caption.strip() and not self.config.allow_empty_caption:
-            raise _Reject("empty caption", repr(caption[:100]))
+        if caption is None and not self.config.allow_empty_caption:
+            raise _Reject(
+                "missing caption", 'no caption (set validate.allow_empty_caption to accept it as "")'
+            )
+        if caption is None or not caption.strip():
+            if not self.config.allow_empty_caption:
+                raise _Reject("empty caption", repr(caption[:100]))
+            caption = ""  # the empty caption: encode gives it the stored empty-caption embedding
         try:
             size = len(caption.encode("utf-8"))
         except UnicodeEncodeError as e:  # lone surrogates: Arrow could not store the string

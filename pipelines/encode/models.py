@@ -201,23 +201,40 @@ class EncodeImage(_ModelStep):
 
 
 class EncodeText(_ModelStep):
-    """CLIP-bigG text: ``hidden_states[-1]`` (77×1280) and pooled ``text_embeds`` (1×1280) per caption."""
+    """CLIP-bigG text: ``hidden_states[-1]`` (77×1280) and pooled ``text_embeds`` (1×1280) per caption.
+
+    The empty caption ``""`` (caption-less samples) gets the embedding of ``""`` encoded alone, once per
+    actor: the same values as the dataset's stored ``empty_caption.safetensors`` (``encode_captions``).
+    """
 
     name = "clip_text"
     requires = (CAPTION,)
     produces = (CLIP_TEXT, CLIP_TEXT_POOLED)
     output_columns = (CLIP_TEXT, CLIP_TEXT_POOLED)
+    _empty: tuple[np.ndarray, ...] | None = None
 
     def _groups(self, batch: Batch) -> list[list[int]]:
-        rows = [int(i) for i in healthy(batch)]
+        rows = [int(i) for i in healthy(batch) if self._text(batch[CAPTION][i])]
         return [rows] if rows else []
 
+    @staticmethod
+    def _text(caption: Any) -> str:
+        return caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption)
+
     def _inputs(self, batch: Batch, rows: list[int]) -> Any:
-        captions = batch[CAPTION]
-        return [
-            c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
-            for c in (captions[i] for i in rows)
-        ]
+        return [self._text(batch[CAPTION][i]) for i in rows]
+
+    def __call__(self, batch: Batch) -> Batch:
+        out = super().__call__(batch)
+        empty = [int(i) for i in healthy(batch) if not self._text(batch[CAPTION][i])]
+        if empty:
+            if self._empty is None:
+                with self.torch.no_grad(), self._autocast():
+                    self._empty = tuple(r.float().cpu().numpy()[0] for r in self._run([""]))
+            for column, value in zip(self.output_columns, self._empty, strict=True):
+                for i in empty:
+                    out[column][i] = value
+        return out
 
     def _run(self, captions: Any) -> tuple[Any, ...]:
         clip_text, pooled = self.model(captions)

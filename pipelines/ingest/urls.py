@@ -376,7 +376,7 @@ def short_reason(status: str, error_message: str | None) -> str:
 
 _REASONS = (
     (("timed out", "timeout"), "timeout"),
-    (("image decoding error",), "not an image"),
+    (("image decoding error",), "image decoding error"),  # OpenCV (img2dataset's decoder) could not decode it
     (("x-robots-tag",), "disallowed by X-Robots-Tag"),
     (("hash mismatch",), "hash mismatch"),
     (("connection refused",), "connection refused"),

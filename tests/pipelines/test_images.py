@@ -11,14 +11,22 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from pipelines.core.images import (
+    DEFAULT_FORMATS,
+    IMAGE_EXTENSIONS,
+    SIDECAR_EXTENSIONS,
+    SUPPORTED_FORMATS,
+    UNSUPPORTED_FORMATS,
     ImageError,
     ImageInfo,
+    check_formats,
     check_geometry,
     decode_rgb,
+    member_extension,
     probe_image,
     to_float_chw,
 )
 from tests.pipelines import corrupt
+from tests.pipelines.photos import jpeg
 
 MAX_PIXELS = 89_478_485
 
@@ -184,12 +192,76 @@ def test_degenerate_sizes_decode_but_fail_geometry():
     check_geometry(8, 160, min_side_px=8, max_aspect_ratio=20)
 
 
-def test_formats_outside_the_allow_list_are_not_images():
+def test_formats_outside_the_allow_list_get_a_true_reason():
     ppm = _encode(Image.new("RGB", (8, 8)), "PPM")
-    with pytest.raises(ImageError, match="not an image"):
-        probe_image(ppm, max_pixels=MAX_PIXELS)
-    with pytest.raises(ImageError, match="not an image"):
+    assert probe_image(ppm, max_pixels=MAX_PIXELS) == ImageInfo("ppm", 8, 8)  # PPM is a default format
+    with pytest.raises(ImageError) as err:
+        probe_image(ppm, max_pixels=MAX_PIXELS, formats=("JPEG", "PNG"))
+    assert err.value.reason == "format PPM not allowed (validate.formats)"
+    assert "JPEG, PNG" in err.value.detail
+    with pytest.raises(ImageError, match=r"format JPEG not allowed \(validate\.formats\)"):
         decode_rgb(corrupt.good_jpeg(), max_pixels=MAX_PIXELS, formats=("PNG",))
+    pcx = _encode(Image.new("RGB", (8, 8), (255, 0, 0)), "PCX")  # supported, not a default format
+    with pytest.raises(ImageError, match=r"^format PCX not allowed \(validate\.formats\)"):
+        decode_rgb(pcx, max_pixels=MAX_PIXELS, formats=DEFAULT_FORMATS)
+    assert decode_rgb(pcx, max_pixels=MAX_PIXELS)[0, 0].tolist() == [
+        255,
+        0,
+        0,
+    ]  # later steps: every supported
+    eps = _encode(Image.new("RGB", (8, 8)), "EPS")
+    for formats in (DEFAULT_FORMATS, SUPPORTED_FORMATS):
+        with pytest.raises(ImageError) as err:
+            probe_image(eps, max_pixels=MAX_PIXELS, formats=formats)
+        assert (err.value.reason, err.value.detail) == (
+            "format EPS not supported",
+            UNSUPPORTED_FORMATS["EPS"],
+        )
+    pdf = _encode(Image.new("RGB", (8, 8)), "PDF")  # Pillow writes PDFs but reads none
+    with pytest.raises(ImageError, match="not an image"):
+        probe_image(pdf, max_pixels=MAX_PIXELS)
+
+
+def test_the_bytes_decide_the_format_not_the_name():
+    png = _encode(Image.new("RGB", (8, 8)), "PNG")
+    assert probe_image(png, max_pixels=MAX_PIXELS).format == "png"  # whatever the member was called
+    assert member_extension("png") == "png" and member_extension("JPEG") == member_extension("mpo") == "jpg"
+    assert (member_extension("tiff"), member_extension("jpeg2000"), member_extension("ppm")) == (
+        "tif",
+        "jp2",
+        "pnm",
+    )
+
+
+def test_every_supported_format_pillow_writes_decodes():
+    """What Pillow writes it reads back through the policy (the project's own decoder, any mode)."""
+    photo = Image.open(io.BytesIO(jpeg("astronaut"))).resize((48, 32))
+    decoded = set()
+    for fmt in sorted(set(Image.SAVE) & set(SUPPORTED_FORMATS)):
+        for mode in ("RGB", "L", "1", "P"):
+            try:
+                data = _encode(photo.convert(mode), fmt)
+            except (OSError, ValueError, KeyError):  # Pillow cannot write this mode in this format
+                continue
+            info = probe_image(data, max_pixels=MAX_PIXELS)
+            rgb = decode_rgb(data, max_pixels=MAX_PIXELS)
+            assert rgb.shape == (info.height, info.width, 3), (fmt, mode)
+            assert member_extension(info.format) in IMAGE_EXTENSIONS, fmt
+            decoded.add(fmt)
+    assert set(DEFAULT_FORMATS) <= decoded | {"MPO"}
+
+
+def test_format_lists_are_checked():
+    assert check_formats(["jpeg", "png"]) == ("JPEG", "PNG")
+    with pytest.raises(ValueError, match="EPS is never decoded"):
+        check_formats(["JPEG", "EPS"])
+    with pytest.raises(ValueError, match="unknown format 'HEIC'"):
+        check_formats(["HEIC"])
+    with pytest.raises(ValueError, match="non-empty"):
+        check_formats("JPEG")
+    assert set(DEFAULT_FORMATS) <= set(SUPPORTED_FORMATS)
+    assert {"pgm", "ppm", "tga", "ico", "avif", "jp2"} <= set(IMAGE_EXTENSIONS)
+    assert not set(SIDECAR_EXTENSIONS) & set(IMAGE_EXTENSIONS) and IMAGE_EXTENSIONS[0] == "jpg"
 
 
 def test_warns_when_truncated_loading_was_enabled(monkeypatch):

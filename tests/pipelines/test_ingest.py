@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.core.plan import PlanError
+from pipelines.core.shards import members_tar_bytes
 from pipelines.core.sources import SourceConfig, list_shards, read_shard
+from pipelines.core.step import object_column
 from pipelines.ingest.existing import IngestConfig, run_ingest
 from tests.pipelines import corrupt
 from tests.pipelines.photos import PHOTOS, captions, jpeg, photo_tar
@@ -141,3 +143,83 @@ def test_config_errors_fail_before_ray(tmp_path) -> None:
     with pytest.raises(ValueError, match="max_error_fraction"):
         IngestConfig(source=SourceConfig(kind="folder", path="x"), output_dir="y", max_error_fraction=2.0)
     assert PlanError.__mro__[1] is ValueError
+
+
+def _read(config: SourceConfig) -> list[tuple[str, str]]:
+    """(key, reject reason) of every row the source's shards give, in order."""
+    return [
+        (str(k), str(r))
+        for shard in list_shards(config)
+        for batch in read_shard(config, shard)
+        for k, r in zip(batch["key"], batch["reject_reason"], strict=True)
+    ]
+
+
+def test_a_repeated_key_keeps_the_first_sample_in_every_source_kind(tmp_path) -> None:
+    image, other = jpeg("chelsea"), jpeg("coffee")
+    members = [("x", {"jpg": image, "txt": b"first"}), ("y", {"jpg": other, "txt": b"y"}), ("x", {"txt": b"again"}),
+               ("x", {"png": other, "txt": b"third"})]  # fmt: skip
+    (tmp_path / "a.tar").write_bytes(members_tar_bytes(members))
+    rows = _read(SourceConfig(kind="webdataset", path=str(tmp_path / "a.tar")))
+    assert rows == [
+        ("x", ""),
+        ("y", ""),
+        ("x", "duplicate key"),
+        ("x", "duplicate key"),
+    ]  # not "missing image"
+
+    pq.write_table(pa.table({"id": ["x", "y", "x"], "img": [image, other, other], "text": ["a", "b", "c"]}),
+                   tmp_path / "a.parquet")  # fmt: skip
+    source = SourceConfig(kind="parquet", path=str(tmp_path / "a.parquet"), image_column="img",
+                          caption_column="text", key_column="id")  # fmt: skip
+    assert _read(source) == [("x", ""), ("y", ""), ("x", "duplicate key")]
+    batch = next(read_shard(source, list_shards(source)[0]))
+    assert batch["caption"][0] == "a"  # the first is kept
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, data in (("x.jpg", image), ("x.png", other), ("y.jpg", other), ("x.txt", b"x")):
+        (folder / name).write_bytes(data)
+    assert _read(SourceConfig(kind="folder", path=str(folder))) == [
+        ("x", ""),
+        ("x", "duplicate key"),
+        ("y", ""),
+    ]
+
+
+def test_a_folder_accounts_for_every_file(tmp_path) -> None:
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "_staging").mkdir()
+    files = {"a.jpg": jpeg("chelsea"), "a.txt": b"a cat", "a.json": b'{"url": "u"}', "a.TXT": b"?", "b.AVIF": jpeg("coffee"),
+             "sub/c.jpg": jpeg("rocket"), "sub/c.txt": b"c", "notes.bin": b"\x00\x01", "README": b"read me",
+             ".DS_Store": b"\x00", "lonely.txt": b"no image", "_staging/x.jpg": jpeg("camera")}  # fmt: skip
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    config = SourceConfig(kind="folder", path=str(folder), samples_per_shard=2)
+    shards = list_shards(config)
+    assert sum(len(s["uris"]) for s in shards) == len(files) - 1  # all but the staging folder's
+    rows = dict(_read(config))
+    assert rows == {"a": "", "b": "", "sub/c": "", "notes.bin": "unsupported file type .bin",
+                    "README": "unsupported file type (no extension)",
+                    ".DS_Store": "unsupported file type (no extension)", "lonely.txt": "sidecar without image",
+                    "a.TXT": "duplicate sidecar"}  # fmt: skip
+    # a glob, or a single image, brings its sidecars along
+    glob = SourceConfig(kind="folder", path=str(folder / "*.jpg"))
+    (uris,) = (s["uris"] for s in list_shards(glob))
+    assert [u.rsplit("/", 1)[1] for u in uris] == ["a.jpg", "a.json", "a.txt", "a.TXT"]
+    batch = next(read_shard(glob, list_shards(glob)[0]))
+    assert (batch["key"][0], batch["caption"][0], batch["meta_json"][0]) == ("a", b"a cat", '{"url": "u"}')
+
+
+def test_two_keys_written_as_one_member_name_are_duplicates() -> None:
+    from pipelines.ingest.existing import _distinct_members
+
+    keys = ["a.b", "a_b", "c", "a/b"]
+    batch = {"key": object_column(keys), "source": object_column(["s"] * 4)}
+    for column in ("reject_step", "reject_reason", "reject_detail"):
+        batch[column] = object_column([""] * 4)
+    written: dict[str, str] = {}
+    out = _distinct_members(batch, written)
+    assert list(out["reject_reason"]) == ["", "duplicate key", "", "duplicate key"]
+    assert "'a_b' and 'a.b' are both written as 'a_b'" in out["reject_detail"][1]

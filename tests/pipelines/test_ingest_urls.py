@@ -15,6 +15,7 @@ import pytest
 import ray
 from PIL import Image
 
+from pipelines.core.shards import STATUS_SCHEMA, shard_files
 from pipelines.ingest.ssrf import UrlPolicy
 from pipelines.ingest.urls import REJECTS_SCHEMA, UrlIngestConfig, ingest_urls, read_url_list, short_reason
 from tests.pipelines.http_server import PhotoServer, photos
@@ -41,6 +42,12 @@ def url_list(server, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("lists") / "laion_local.parquet"
     pq.write_table(pa.table({"URL": urls, "TEXT": table["TEXT"]}), path)
     return path
+
+
+def existing_stats_keys() -> list[str]:
+    """The ``_stats.json`` keys ingest of existing data writes."""
+    files, _ = shard_files([], 0)
+    return list(json.loads(files["00000_stats.json"]))
 
 
 def _config(url_list: Path, output_dir: Path, **overrides) -> UrlIngestConfig:
@@ -77,10 +84,11 @@ def test_ingest_on_ray_keeps_originals_and_rejects_every_failure(ray_local, serv
     table = pq.read_table(out / "rejects")
     rejects = table.to_pylist()
     reasons = {r["row_index"]: r["reason"] for r in rejects}
-    assert reasons == {i: "http 404" for i in NOT_FOUND} | {i: "not an image" for i in HTML} | {
+    # img2dataset decodes with OpenCV: an HTML page fails there as "image decoding error"
+    assert reasons == {i: "http 404" for i in NOT_FOUND} | {i: "image decoding error" for i in HTML} | {
         i: "timeout" for i in HANG
     }
-    assert result.reject_reasons == {"http 404": 4, "not an image": 3, "timeout": 2}
+    assert result.reject_reasons == {"http 404": 4, "image decoding error": 3, "timeout": 2}
     assert all(r["step"] == "ingest" and r["key"] and r["detail"] for r in rejects)
     assert table.schema.remove_metadata().equals(REJECTS_SCHEMA)
 
@@ -97,6 +105,12 @@ def test_ingest_on_ray_keeps_originals_and_rejects_every_failure(ray_local, serv
     stats = [json.loads((out / f"0000{i}_stats.json").read_text()) for i in range(3)]
     assert sum(s["count"] for s in stats) == N_ROWS
     assert sum(s["successes"] for s in stats) == result.n_success
+    # ingest of existing data writes img2dataset's own status columns (same types) and stats keys
+    status = pq.read_schema(out / "00000.parquet")
+    own = [f for f in status if f.name != "row_index"]  # img2dataset's columns (row_index is ours)
+    assert own and all(STATUS_SCHEMA.field(f.name).type == f.type for f in own), status
+    assert {"url", "caption"} <= set(STATUS_SCHEMA.names)
+    assert set(stats[0]) - {"start_time", "end_time"} <= set(existing_stats_keys())
 
     captions = pq.read_table(LAION)["TEXT"].to_pylist()
     samples = _read_tars(out)
@@ -236,7 +250,7 @@ def test_ray_distributor_needs_an_initialised_ray(monkeypatch, url_list, tmp_pat
         ),
         ("failed_to_download", "hash mismatch", "hash mismatch"),
         ("failed_to_download", "something odd", "download error"),
-        ("failed_to_resize", "Image decoding error", "not an image"),
+        ("failed_to_resize", "Image decoding error", "image decoding error"),
         ("failed_to_resize", "image too small", "image too small"),
         ("failed_to_resize", "OpenCV(4.14) error: ...", "resize error"),
     ],

@@ -112,10 +112,18 @@ def test_output_keeps_columns_and_converts_to_arrow():
 
 
 def test_allow_empty_caption():
+    """Caption-less samples (no .txt: clip-retrieval style) and blank captions get the empty caption."""
     out = ValidateSamples(ValidateConfig(allow_empty_caption=True))(corrupt.batch())
     reasons = dict(zip(corrupt.EXPECTED, out[REJECT_REASON], strict=True))
-    assert reasons["caption_empty"] == reasons["caption_whitespace"] == ""
-    assert reasons["caption_missing"] == "missing caption"
+    captions = dict(zip(corrupt.EXPECTED, out[CAPTION], strict=True))
+    for name in ("caption_missing", "caption_empty", "caption_whitespace"):
+        assert (reasons[name], captions[name]) == ("", ""), name
+    assert captions["good_jpeg"] == corrupt.GOOD_CAPTION
+    out = ValidateSamples(ValidateConfig())(corrupt.batch())
+    reasons = dict(zip(corrupt.EXPECTED, out[REJECT_REASON], strict=True))
+    assert (
+        reasons["caption_missing"] == "missing caption" and reasons["caption_whitespace"] == "empty caption"
+    )
 
 
 def test_bad_keys_captions_and_metadata():
