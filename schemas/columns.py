@@ -56,8 +56,8 @@ CROP_BOTTOM = "crop_bottom"
 EFFNET = "effnet"  # EfficientNet latent, 16×h×w (Stage C space)
 STAGE_A = "stage_a"  # optional Stage A latent, 4×H/4×W/4
 CLIP_TEXT = "clip_text"  # CLIP-bigG text hidden states, 77×1280
-CLIP_TEXT_POOLED = "clip_text_pooled"  # CLIP-bigG pooled text embedding, 1×1280
-CLIP_IMG = "clip_img"  # CLIP-L image embedding, 768
+CLIP_TEXT_POOLED = "clip_text_pooled"  # CLIP-bigG pooled text embedding, 1280 (Stage C: B×1×1280)
+CLIP_IMG = "clip_img"  # CLIP-L image embedding, 768 (Stage C: B×1×768)
 LATENT_TENSOR_COLUMNS = (EFFNET, STAGE_A, CLIP_TEXT, CLIP_TEXT_POOLED, CLIP_IMG)
 
 # Optional Stage B conditioning columns, one per stored size: ``stage_b_effnet_{s}`` is the effnet latent

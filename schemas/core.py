@@ -2,7 +2,8 @@
 
 Every file this platform writes carries five ``cascade.*`` schema-metadata keys (see ``FileMetadata``):
 the schema id, the encoder flavors, the weights sha256, the preprocessing hash and the tensor shapes; latent
-files with Stage B conditioning columns add ``cascade.stage_b_conditioning`` (``OPTIONAL_METADATA_KEYS``).
+and export files add ``cascade.random_weights`` ("true"/"false": an encoder ran on seeded random weights),
+and files with Stage B conditioning columns ``cascade.stage_b_conditioning`` (``OPTIONAL_METADATA_KEYS``).
 ``attach_metadata`` puts them on a table before it is written; ``validate_table`` checks a table read back.
 """
 
@@ -34,7 +35,11 @@ METADATA_KEYS = (
 # JSON {"mode", "cells", "bytes_per_sample", ...}: how the stage_b_effnet_{s} columns were made (encode's
 # pipelines.encode.stage_b); written only when a file has them, so older files and readers are unaffected.
 STAGE_B_CONDITIONING_KEY = "cascade.stage_b_conditioning"
-OPTIONAL_METADATA_KEYS = (STAGE_B_CONDITIONING_KEY,)
+# JSON true/false: some encoder that made the data ran on random weights (a ``*/tiny`` flavor without a weights
+# file). Every latent and export file has it; files from before the key lack it (``FileMetadata.random_weights``
+# None: tell from the flavors).
+RANDOM_WEIGHTS_KEY = "cascade.random_weights"
+OPTIONAL_METADATA_KEYS = (STAGE_B_CONDITIONING_KEY, RANDOM_WEIGHTS_KEY)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ID = re.compile(r"^([a-z][a-z0-9_]*)@([1-9][0-9]*)$")
 
@@ -85,6 +90,7 @@ class FileMetadata:
         preprocessing_hash: ``preprocessing_hash()`` of the preprocessing parameters ("" where none apply).
         tensor_shapes: tensor column -> ``TensorSpec``; ``attach_metadata`` fills it from the schema.
         stage_b_conditioning: how the ``stage_b_effnet_{s}`` columns were made (JSON object; empty: none).
+        random_weights: whether an encoder that made the data ran on random weights (None: not recorded).
     """
 
     schema_id: str = ""
@@ -93,6 +99,7 @@ class FileMetadata:
     preprocessing_hash: str = ""
     tensor_shapes: Mapping[str, TensorSpec] = field(default_factory=dict)
     stage_b_conditioning: Mapping[str, Any] = field(default_factory=dict)
+    random_weights: bool | None = None
 
     def __post_init__(self) -> None:
         if self.schema_id:
@@ -108,6 +115,8 @@ class FileMetadata:
                 raise TypeError(f"tensor_shapes[{column!r}] is {type(spec).__name__}, expected TensorSpec")
         if not isinstance(self.stage_b_conditioning, Mapping):
             raise TypeError(f"stage_b_conditioning={self.stage_b_conditioning!r} must be a JSON object")
+        if self.random_weights is not None and not isinstance(self.random_weights, bool):
+            raise TypeError(f"random_weights={self.random_weights!r} must be true, false or None")
 
     def to_arrow(self) -> dict[bytes, bytes]:
         """The five ``cascade.*`` keys (plus the optional ones that are set) as Arrow schema metadata (JSON
@@ -122,6 +131,8 @@ class FileMetadata:
         }
         if self.stage_b_conditioning:
             values[STAGE_B_CONDITIONING_KEY] = _dumps(dict(self.stage_b_conditioning))
+        if self.random_weights is not None:
+            values[RANDOM_WEIGHTS_KEY] = _dumps(self.random_weights)
         return {k.encode(): v.encode() for k, v in values.items()}
 
     @classmethod
@@ -139,6 +150,7 @@ class FileMetadata:
                 preprocessing_hash=meta.get(PREPROCESSING_HASH_KEY, ""),
                 tensor_shapes={c: TensorSpec(tuple(s["shape"]), s["dtype"]) for c, s in shapes.items()},
                 stage_b_conditioning=json.loads(meta.get(STAGE_B_CONDITIONING_KEY, "{}")),
+                random_weights=json.loads(meta.get(RANDOM_WEIGHTS_KEY, "null")),
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"malformed cascade metadata: {err!r}") from err

@@ -84,9 +84,10 @@ _TENSOR_RANKS = {
     c.EFFNET: (3,),  # 16×h×w
     c.STAGE_A: (3,),  # 4×H/4×W/4
     c.CLIP_TEXT: (2,),  # 77×1280
-    c.CLIP_TEXT_POOLED: (1, 2),  # 1×1280 (Stage C's (B,1,1280) without B)
-    c.CLIP_IMG: (1, 2),  # 768, or 1×768 as Stage C consumes it
+    c.CLIP_TEXT_POOLED: (1, 2),  # stored (1280,); (1, 1280) read from files written before that was fixed
+    c.CLIP_IMG: (1, 2),  # stored (768,); (1, 768) likewise. Readers give Stage C's (B, 1, C) on request
 }
+POOLED_COLUMNS = (c.CLIP_TEXT_POOLED, c.CLIP_IMG)  # stored (C,); Stage C takes them as (B, 1, C)
 _OPTIONAL = (c.STAGE_A,)
 
 
@@ -119,7 +120,8 @@ def latents_schema(shapes: Mapping[str, tuple[int, ...]], dtype: str = "float16"
 
     Args:
         shapes: per-row shape of each tensor column: ``effnet`` (16,h,w), optional ``stage_a`` (4,H/4,W/4),
-            ``clip_text`` (77,1280), ``clip_text_pooled`` (1,1280), ``clip_img`` (768,) — tiny flavors differ —
+            ``clip_text`` (77,1280), ``clip_text_pooled`` (1280,), ``clip_img`` (768,) — tiny flavors differ;
+            the writer stores the pooled embeddings as (C,) and Stage C takes them as (B, 1, C) —
             and optional ``stage_b_effnet_{s}`` (16,s,s) Stage B conditioning latents (after the others,
             ascending ``s``).
         dtype: ``float16`` (default), ``bfloat16`` (stored as uint16 bit patterns) or ``float32``.

@@ -6,7 +6,11 @@ sha256, preprocessing hash, shapes: a mismatch names the file, the found and the
 complete and intact (Parquet page CRCs are verified; a truncated or corrupt file is refused by name). Both
 formats are decoded into the same latents@1 table, so they yield the same batches: one per file (= one
 bucket), ``{column: np.ndarray}``, scalar columns 1-D, tensor columns (N, *shape) in the stored dtype
-(bfloat16 as uint16 bits) or, with ``float32=True``, as float32.
+(bfloat16 as uint16 bits) or, with ``float32=True``, as float32. The pooled embeddings are stored (C,) per row
+and so read as (N, C); ``stage_c_shapes=True`` gives them as (N, 1, C), the shape Stage C takes.
+
+Both file layouts read (``latents_io.LAYOUT``): bucket folders with the tar metadata in every sample's json
+(layout 2), and the flat folders whose tars begin with ``__metadata__.json`` (layout 1).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import safetensors
 from pipelines.core.commits import CommitStore
 from pipelines.core.latents_io import (
     DTYPE_KEY,
+    EXTENSIONS,
     FORMATS,
     METADATA_MEMBER,
     NUM_SAMPLES_KEY,
@@ -44,14 +49,13 @@ from schemas.core import (
     attach_metadata,
     validate_table,
 )
-from schemas.records import latents_schema
+from schemas.records import POOLED_COLUMNS, latents_schema
 from schemas.tensors import bfloat16_bits_to_float32, tensor_array, tensor_to_numpy
 
 if TYPE_CHECKING:
     import ray.data
 
 LATENTS_ID = "latents@1"
-_EXTENSIONS = {"parquet": ".parquet", "webdataset": ".tar"}
 _SAFETENSORS_NUMPY = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
 _STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 _ERRORS = {  # what a truncated or corrupt file raises while decoding (json and npy raise ValueError)
@@ -73,13 +77,14 @@ def list_latent_files(
     For an encode output these are the files of committed shards only: from its manifest (one read), or, while
     it has none (a run in progress or killed), from its commit records (read concurrently).
 
-    ``root`` is the ``base_uri`` given to ``write_latent_files`` (files in ``{root}/{format}/``), a directory
-    holding the files, a single file, or a list of file URIs (returned as given, e.g. to pick buckets).
+    ``root`` is the ``base_uri`` given to ``write_latent_files`` (files in ``{root}/{format}/{bucket}/``, or
+    ``{root}/{format}/`` in layout 1), a directory holding the files (or bucket folders of them), a single file,
+    or a list of file URIs (returned as given, e.g. to pick buckets).
     """
     _check_format(format)
     if not isinstance(root, str):
         return list(root)
-    ext = _EXTENSIONS[format]
+    ext = EXTENSIONS[format]
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
     if path.endswith(ext) and fs.isfile(path):
         return [root]
@@ -88,13 +93,13 @@ def list_latent_files(
         files = [f for r in records.values() for f in file_paths(r) if f.startswith(f"{format}/")]
         return [f"{root.rstrip('/')}/{f}" for f in sorted(files)]
     for folder in (f"{path.rstrip('/')}/{format}", path):
-        if fs.isdir(folder):
-            found = [p for p in fs.ls(folder, detail=False) if p.endswith(ext)]
+        if fs.isdir(folder):  # the files, and the files in bucket folders (not _staging/ or other _ folders)
+            found = fs.glob(f"{folder}/*{ext}") + fs.glob(f"{folder}/[!_]*/*{ext}")
             if found:
                 local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
                 return sorted(p if local else fs.unstrip_protocol(p) for p in found)
     raise FileNotFoundError(
-        f"no *{ext} latent files under {root!r} (looked in {format}/ and the folder itself)"
+        f"no *{ext} latent files under {root!r} (looked in {format}/, its bucket folders and the folder itself)"
     )
 
 
@@ -121,6 +126,7 @@ def read_latents(
     storage_options: dict[str, Any] | None = None,
     columns: Sequence[str] | None = None,
     float32: bool = False,
+    stage_c_shapes: bool = False,
 ) -> Iterator[Batch]:
     """Yield one validated batch per latent file under ``root`` (see ``list_latent_files``), in name order.
 
@@ -132,6 +138,8 @@ def read_latents(
         storage_options: fsspec options (``endpoint_url``, credentials).
         columns: columns to read (``key`` is always included, schema order); default all.
         float32: tensors as float32 instead of the stored dtype (bfloat16 is stored as uint16 bits).
+        stage_c_shapes: ``clip_text_pooled`` and ``clip_img`` as (N, 1, C), as Stage C takes them (stored and
+            otherwise read as (N, C)).
 
     Raises:
         SchemaMismatchError: a file's metadata or columns disagree with latents@1 or ``expect``.
@@ -141,7 +149,7 @@ def read_latents(
         table = read_latent_table(
             uri, format, expect=expect, storage_options=storage_options, columns=columns
         )
-        yield table_to_batch(table, float32=float32)
+        yield table_to_batch(table, float32=float32, stage_c_shapes=stage_c_shapes)
 
 
 def read_latent_table(
@@ -193,7 +201,7 @@ def file_info(
             parquet = pq.ParquetFile(f)
             return _parquet_footer(uri, parquet, expect, wanted), parquet.metadata.num_rows
         with tarfile.open(fileobj=f, mode="r|") as tar:
-            header, meta, _ = _tar_header(uri, tar, iter(tar), wanted, expect)
+            header, meta, _, _ = _tar_header(uri, tar, iter(tar), wanted, expect)
             return meta, int(header[NUM_SAMPLES_KEY])
 
 
@@ -236,8 +244,9 @@ def _show(value: Any) -> str:
     return "absent" if value is None else repr(str(value))
 
 
-def table_to_batch(table: pa.Table, *, float32: bool = False) -> Batch:
-    """A latents@1 table as ``{column: np.ndarray}`` (tensors (N, *shape), zero-copy where possible)."""
+def table_to_batch(table: pa.Table, *, float32: bool = False, stage_c_shapes: bool = False) -> Batch:
+    """A latents@1 table as ``{column: np.ndarray}`` (tensors (N, *shape), zero-copy where possible); with
+    ``stage_c_shapes`` the pooled embeddings as (N, 1, C) (``stage_c_shapes_of``)."""
     tensors = set(tensor_columns(table))
     batch = {}
     for name in table.column_names:
@@ -246,7 +255,18 @@ def table_to_batch(table: pa.Table, *, float32: bool = False) -> Batch:
             batch[name] = to_float32(values) if float32 else values
         else:
             batch[name] = table.column(name).to_numpy(zero_copy_only=False)
-    return batch
+    return stage_c_shapes_of(batch) if stage_c_shapes else batch
+
+
+def stage_c_shapes_of(batch: Batch) -> Batch:
+    """``batch`` with ``clip_text_pooled`` and ``clip_img`` as (N, 1, C), as Stage C takes them (a view; the
+    cache stores them as (C,) per row; files from before that, as (1, C), come out the same)."""
+    out = dict(batch)
+    for name in POOLED_COLUMNS:
+        if name in out:
+            values = out[name]
+            out[name] = values.reshape(len(values), 1, values.shape[-1])
+    return out
 
 
 def to_float32(stored: np.ndarray) -> np.ndarray:
@@ -259,13 +279,14 @@ def to_float32(stored: np.ndarray) -> np.ndarray:
 class _ReadFiles:
     """Ray ``map_batches`` function: a batch of file URIs -> the validated batch of each file."""
 
-    def __init__(self, format: str, float32: bool, **read_options: Any) -> None:
-        self.format, self.float32, self.read_options = format, float32, read_options
+    def __init__(self, format: str, float32: bool, stage_c_shapes: bool, **read_options: Any) -> None:
+        self.format, self.float32, self.stage_c_shapes = format, float32, stage_c_shapes
+        self.read_options = read_options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[Batch]:
         for uri in batch["uri"]:
             table = read_latent_table(str(uri), self.format, **self.read_options)
-            yield table_to_batch(table, float32=self.float32)
+            yield table_to_batch(table, float32=self.float32, stage_c_shapes=self.stage_c_shapes)
 
 
 def as_ray_dataset(
@@ -276,13 +297,15 @@ def as_ray_dataset(
     storage_options: dict[str, Any] | None = None,
     columns: Sequence[str] | None = None,
     float32: bool = False,
+    stage_c_shapes: bool = False,
 ) -> ray.data.Dataset:
     """The latent files under ``root`` as a Ray Dataset whose rows carry numpy tensors.
 
     Every file's metadata is validated on the driver first (footers and tar headers only, concurrently),
     then one read task per file runs ``read_latent_table``, the iterator's own code. ``ray.data.read_parquet``
     does read the fixed-shape tensor columns, but Ray 2.60 skips Parquet page CRC checks (a flipped bit
-    reads back silently) and mixes buckets in one block. Arguments as in ``read_latents``. Batches that
+    reads back silently) and mixes buckets in one block (without project code, read one bucket folder:
+    ``ray.data.read_parquet(f"{root}/parquet/24x24")``). Arguments as in ``read_latents``. Batches that
     span buckets hold ragged object arrays: for fixed-shape batches, build one dataset per bucket from its
     files (``list_latent_files``, then filter, e.g. on the ``tensor_shapes`` that ``validate_files`` returns).
     """
@@ -292,7 +315,7 @@ def as_ray_dataset(
     options = {"expect": expect, "storage_options": storage_options, "columns": columns}
     validate_files(files, format, **options)
     items = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
-    return items.map_batches(_ReadFiles(format, float32, **options), batch_size=1)
+    return items.map_batches(_ReadFiles(format, float32, stage_c_shapes, **options), batch_size=1)
 
 
 # --- decoding ----------------------------------------------------------------------------------------------
@@ -348,37 +371,49 @@ def _tar_header(
     members: Iterator[tarfile.TarInfo],
     columns: list[str] | None,
     expect: FileMetadata | None,
-) -> tuple[dict[str, Any], FileMetadata, RecordSchema]:
-    """Read and check the first member, ``__metadata__.json``: (its JSON, the FileMetadata, the schema)."""
+) -> tuple[dict[str, Any], FileMetadata, RecordSchema, tuple[str, dict[str, Any]] | None]:
+    """Read and check the file metadata from the first member: the first sample's ``key.json`` (layout 2) or
+    ``__metadata__.json`` (layout 1). Returns (its JSON, the FileMetadata, the schema, and in layout 2 the
+    first sample's (name, json), already read)."""
     first = next(members, None)
-    if first is None or first.name != METADATA_MEMBER:
-        raise LatentFileError(f"{uri}: first member is {first and first.name!r}, expected {METADATA_MEMBER}")
+    if first is None or not first.name.endswith(".json"):
+        raise LatentFileError(
+            f"{uri}: first member is {first and first.name!r}, expected a sample's key.json (or {METADATA_MEMBER})"
+        )
     header = json.loads(_read(tar, first))
+    sample = None if first.name == METADATA_MEMBER else (first.name.partition(".")[0], header)
     keys = (*METADATA_KEYS, *OPTIONAL_METADATA_KEYS)
     arrow = {k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items() if k in keys}
     try:
         meta = FileMetadata.from_arrow(arrow)
     except ValueError as err:
-        raise SchemaMismatchError(f"{uri}: {METADATA_MEMBER}: {err}, expected {LATENTS_ID}") from None
+        raise SchemaMismatchError(f"{uri}: {first.name}: {err}, expected {LATENTS_ID}") from None
     if meta.schema_id != LATENTS_ID:
         raise SchemaMismatchError(f"{uri}: file has {meta.schema_id}, expected {LATENTS_ID}")
     try:
         schema = latents_schema({n: s.shape for n, s in meta.tensor_shapes.items()}, _dtype(meta))
     except ValueError as err:
-        raise SchemaMismatchError(f"{uri}: {METADATA_MEMBER} describes no latents@1 file: {err}") from None
+        raise SchemaMismatchError(f"{uri}: {first.name} describes no latents@1 file: {err}") from None
     empty = schema.arrow.empty_table().replace_schema_metadata(meta.to_arrow())
     validate_table(empty, LATENTS_ID, source=uri, columns=columns)
     check_expected(meta, expect, uri)
-    return header, meta, schema
+    return header, meta, schema, sample
+
+
+def _file_keys(record: dict[str, Any]) -> dict[str, Any]:
+    """The file-level ``cascade.*`` keys of a layout-2 ``key.json`` (all but the sample's own dtype)."""
+    return {k: v for k, v in record.items() if k.startswith("cascade.") and k != DTYPE_KEY}
 
 
 def _tar_table(
     uri: str, tar: tarfile.TarFile, columns: list[str] | None, expect: FileMetadata | None
 ) -> pa.Table:
     members = iter(tar)  # a stream: read once, in order
-    header, meta, schema = _tar_header(uri, tar, members, columns, expect)  # before reading any sample
+    header, meta, schema, first = _tar_header(uri, tar, members, columns, expect)  # before any tensor
     names = [n for n in schema.arrow.names if columns is None or n in columns]
     samples: dict[str, dict[str, Any]] = {}  # sample name -> {"json": record, column: array}
+    if first is not None:
+        samples[first[0]] = {"json": first[1]}
     for info in members:
         if not info.isfile():
             continue
@@ -387,6 +422,8 @@ def _tar_table(
         column = ext.removesuffix(".npy")
         if ext == "json":
             parts["json"] = json.loads(_read(tar, info))
+            if first is not None and _file_keys(parts["json"]) != _file_keys(header):
+                raise SchemaMismatchError(f"{uri}: {info.name} has other file metadata than the first sample")
         elif ext == "safetensors":
             for column, array in _safetensors_arrays(uri, info.name, _read(tar, info)).items():
                 if column in names:
@@ -399,7 +436,7 @@ def _tar_table(
             raise LatentFileError(f"{uri}: unexpected member {info.name!r}")
     if len(samples) != header.get(NUM_SAMPLES_KEY):
         raise LatentFileError(
-            f"{uri}: {METADATA_MEMBER} promises {header.get(NUM_SAMPLES_KEY)} samples, found {len(samples)}"
+            f"{uri}: its metadata promises {header.get(NUM_SAMPLES_KEY)} samples, found {len(samples)}"
         )
     wanted = ["json", *(n for n in names if n in meta.tensor_shapes)]
     for name, parts in samples.items():
@@ -409,7 +446,7 @@ def _tar_table(
         if parts["json"].get(DTYPE_KEY) != _dtype(meta):
             found = parts["json"].get(DTYPE_KEY)
             raise SchemaMismatchError(
-                f"{uri}: {name}.json says {DTYPE_KEY}={found!r}, {METADATA_MEMBER} says {_dtype(meta)!r}"
+                f"{uri}: {name}.json says {DTYPE_KEY}={found!r}, the file metadata says {_dtype(meta)!r}"
             )
     return _assemble(uri, schema, meta, list(samples.values()), names)
 

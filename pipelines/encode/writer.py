@@ -1,8 +1,9 @@
 """The encode pipeline's last step: stage latent parts per (input shard, bucket), plus the job fingerprint.
 
 Parquet and WebDataset parts come from one latents@1 table (``pipelines.core.latents_io``), so both formats
-hold identical tensors. A part is staged as ``parquet/<shard>-<bucket>-<hash>.parquet`` (and ``.tar`` under
-``webdataset/``), the hash of its keys: a retried task rewrites the same staged files. The commit moves them
+hold identical tensors. A part is staged as ``parquet/<bucket>/<shard>-<hash>.parquet`` (and ``.tar`` under
+``webdataset/<bucket>/``; layout ``latents_io.LAYOUT``), the hash of its keys: a retried task rewrites the
+same staged files. The commit moves them
 into place under the same names; the writer reports each part's rows and bucket, which the commit record and
 the manifest keep, so readers plan from the manifest instead of reading footers.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from pipelines.core.commits import CommitStore
 from pipelines.core.completion import SHARD_ID, SUMMARY_COLUMNS, ShardSummary
-from pipelines.core.latents_io import parquet_bytes, to_latent_table, webdataset_bytes
+from pipelines.core.latents_io import latent_path, parquet_bytes, to_latent_table, webdataset_bytes
 from pipelines.core.sink import part_name, rows_by_shard, stage_rejects
 from pipelines.core.sources import caption_text
 from pipelines.core.step import Batch, Step, object_column
@@ -29,7 +30,6 @@ from schemas import columns as c
 
 LATENT_SCALARS = (c.KEY, c.CAPTION, c.SOURCE_SHARD, c.IMAGE_SHA256, c.BUCKET, c.ORIG_WIDTH, c.ORIG_HEIGHT,
                   c.CROP_LEFT, c.CROP_TOP, c.CROP_RIGHT, c.CROP_BOTTOM)  # fmt: skip
-FOLDERS = {"parquet": ("parquet", ".parquet"), "webdataset": ("webdataset", ".tar")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,8 +51,8 @@ class WriteConfig:
 
 
 def part_paths(shard: str, bucket: str, part: str, formats: tuple[str, ...]) -> dict[str, str]:
-    """The relative path of one part in each format."""
-    return {fmt: f"{FOLDERS[fmt][0]}/{shard}-{bucket}-{part}{FOLDERS[fmt][1]}" for fmt in formats}
+    """The relative path of one part in each format: ``{format}/{bucket}/{shard}-{part}.{ext}``."""
+    return {fmt: latent_path(fmt, bucket, f"{shard}-{part}") for fmt in formats}
 
 
 class WriteLatentParts(Step):
@@ -148,12 +148,19 @@ def weights_fingerprint(encoder: EncoderConfig) -> str:
     return sha256_of(encoder.weights)
 
 
+def runs_on_random_weights(encoder: EncoderConfig) -> bool:
+    """A ``*/tiny`` flavor without a weights file: seeded random init (``EncoderConfig`` allows no other)."""
+    return encoder.weights is None and encoder.flavor.endswith("/tiny")
+
+
 def fingerprint_metadata(encoders: dict[str, EncoderConfig], preprocessing: dict[str, Any]) -> FileMetadata:
-    """The metadata every latent file carries: flavors, weights sha256 and the preprocessing hash."""
+    """The metadata every latent file carries: flavors, weights sha256, the preprocessing hash and
+    ``cascade.random_weights`` (true when any encoder ran on random weights)."""
     from schemas import preprocessing_hash
 
     return FileMetadata(
         encoder_flavors={role: e.flavor for role, e in encoders.items()},
         weights_sha256={role: weights_fingerprint(e) for role, e in encoders.items()},
         preprocessing_hash=preprocessing_hash(preprocessing),
+        random_weights=any(runs_on_random_weights(e) for e in encoders.values()),
     )

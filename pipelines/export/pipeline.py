@@ -4,7 +4,9 @@ Layout (export@1, ``schemas.records.export_schema``): one row per sample with ``
 columns (bucket, original size, crop box, image_sha256, source_shard) and the chosen tensor columns as nested
 fixed-size lists (``fixed_size_list<fixed_size_list<float16>[w]>[h]`` ...), C order, float16 or float32. All
 four readers load that without custom code (Arrow's ``fixed_shape_tensor`` is refused by HF datasets); the
-``huggingface`` schema metadata describes the columns as nested ``List(length=n)`` features. duckdb has no
+``huggingface`` schema metadata describes the columns as nested fixed-length ``Sequence``/``List(length=n)``
+features, which give ``datasets`` the shape (``with_format("numpy")`` returns (N, *shape) arrays). ``Array3D``
+features would not: ``datasets`` 5.2 ignores them on fixed-size-list storage and shows the same lists. duckdb has no
 half type: it widens float16 to FLOAT exactly and shows the lists as ``FLOAT[][][]``.
 
 Files: ``{output_dir}/{bucket}/part-{shard}-{i:05d}.parquet`` (bucket ``WxH`` in latent cells, e.g.
@@ -12,8 +14,9 @@ Files: ``{output_dir}/{bucket}/part-{shard}-{i:05d}.parquet`` (bucket ``WxH`` in
 within a bucket folder, so one bucket reads as one fixed-shape table: ``{output_dir}/24x24/*.parquet``. The
 folders are not hive-style (``bucket=24x24``) because ``bucket`` is already a column: pyarrow's hive discovery
 would clash with it. Within a file, rows are ordered by key; the same cache gives the same bytes, whatever
-batch sizes encoded it. Each file carries the ``cascade.*`` keys and ``cascade.model`` (JSON: flavors, shapes,
-dtype, what each tensor means and how to decode it).
+batch sizes encoded it. Each file carries the ``cascade.*`` keys (``cascade.random_weights`` included) and
+``cascade.model`` (JSON: flavors, whether they ran on random weights, shapes, dtype, what each tensor means,
+derived from the flavor and shape, and how to decode it).
 
 On Ray: one task per cache shard (its files come from the cache's manifest, no listing, no footer reads but
 one per bucket) exports that shard's buckets and commits them (``pipelines.core.commits``): a rerun skips
@@ -42,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.core.commits import FINGERPRINT, CommitStore, JobOutput
-from pipelines.core.completion import SHARD_ID
+from pipelines.core.completion import SHARD_ID, collect_records
 from pipelines.core.latents_io import FORMATS, SCALAR_COLUMNS
 from pipelines.core.latents_reader import (
     check_expected,
@@ -78,37 +81,49 @@ _ROLES = {
     c.CLIP_TEXT_POOLED: "clip_text",
     c.CLIP_IMG: "clip_image",
 }
+# per tensor column: (the released model, meaning, how to decode); ``{model}`` is the encoder that made the data
+# (the released one, or the flavor that stood in for it), ``{c}`` the stored last dimension
 _DOCS = {
     c.EFFNET: (
-        "EfficientNetV2-S encoder output: Stable Cascade's Stage C latent space (Stage C's x0), 16×h×w, one "
-        "cell per 32×32 pixels of the stored crop, BatchNorm-normalised (about mean 0, std 1)",
+        "EfficientNetV2-S",
+        "{model} encoder output: Stable Cascade's Stage C latent space (Stage C's x0), 16×h×w, one cell per "
+        "32×32 pixels of the stored crop, BatchNorm-normalised (about mean 0, std 1)",
         "no extra scale. Decode with Stage B (diffusion conditioned on these latents as `effnet`, and on "
         "clip_text_pooled) to Stage A latents, then Stage A's decoder to pixels; or the Previewer (16→3 "
         "channels, ×8 upsampling) for a quick low-resolution look",
     ),
     c.STAGE_A: (
-        "Stage A (VQGAN) encoder output, unquantized and scaled: StageA.encode(x) = raw / 0.43, 4×H/4×W/4 for "
-        "an H×W image in [0, 1]; Stage B's diffusion target",
+        "Stage A (VQGAN)",
+        "{model} encoder output, unquantized and scaled: StageA.encode(x) = raw / 0.43, 4×H/4×W/4 for an H×W "
+        "image in [0, 1]; Stage B's diffusion target",
         "StageA.decode(z) multiplies by 0.43 and decodes without quantization; for a decoder that expects raw "
         "latents, multiply by 0.43 first (diffusers' PaellaVQModel decodes latents·config.scale_factor and "
         "defaults to 0.3764: check vqgan/config.json)",
     ),
     c.CLIP_TEXT: (
-        "CLIP-ViT-bigG-14 text encoder hidden_states[-1]: the last layer before final_layer_norm (not "
-        "last_hidden_state), all 77 positions including padding (pad id 0, attention mask passed); Stage C's "
-        "clip_text",
+        "CLIP-ViT-bigG-14 text encoder",
+        "{model} hidden_states[-1] ({c} wide): the last layer before final_layer_norm (not last_hidden_state), "
+        "all 77 positions including padding (pad id 0, attention mask passed); Stage C's clip_text",
         "a conditioning input, not decoded",
     ),
     c.CLIP_TEXT_POOLED: (
-        "CLIP-ViT-bigG-14 text_embeds (projected pooled output, 1280) as Stage C's clip_text_pooled (1×1280)",
+        "CLIP-ViT-bigG-14 text encoder",
+        "{model} text_embeds (projected pooled output, {c}), stored as ({c},) per row; Stage C's "
+        "clip_text_pooled takes it as (B, 1, {c}): reshape(n_rows, 1, {c})",
         "a conditioning input, not decoded",
     ),
     c.CLIP_IMG: (
-        "CLIP ViT-L/14 image_embeds (projection, 768, unnormalised) of the stored crop; Stage C's clip_img "
-        "(official training feeds it for 10% of samples and zeros otherwise)",
+        "CLIP ViT-L/14 vision encoder",
+        "{model} image_embeds (projection, {c}, unnormalised) of the stored crop, stored as ({c},) per row; "
+        "Stage C's clip_img takes it as (B, 1, {c}) (official training feeds it for 10% of samples and zeros "
+        "otherwise)",
         "a conditioning input, not decoded",
     ),
 }
+RANDOM_WEIGHTS_WARNING = (
+    "made by encoders on seeded random weights (*/tiny flavors without weights files): the tensors test "
+    "pipelines and mean nothing about the images"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,7 +248,6 @@ def run_export(config: ExportConfig) -> ExportSummary:
         ValueError: naming the config field: no cache at ``latents``, ``columns`` or ``buckets`` the cache
             lacks, values that overflow ``dtype``; SchemaMismatchError: a cache file disagrees with the others.
     """
-    import ray
 
     plan = plan_export(config)
     store = CommitStore(config.output_dir, config.output_options())
@@ -254,9 +268,7 @@ def run_export(config: ExportConfig) -> ExportSummary:
         items = [
             {SHARD_ID: u, "files": json.dumps([dataclasses.astuple(f) for f in plan.units[u]])} for u in todo
         ]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        for batch in steps.apply(ds).iter_batches(batch_size=None, batch_format="numpy"):
-            new |= {str(s): json.loads(r) for s, r in zip(batch[SHARD_ID], batch["record"], strict=True)}
+        new = collect_records(steps, items, "export", samples="n_rows")
     records = {u: (output.records | new)[u] for u in plan.units}
     fields = export_manifest(config, plan, records, empty_caption)
     manifest = output.finish(new, plan.units, **fields)
@@ -464,6 +476,7 @@ def _export_bucket(task: ExportTaskConfig, unit: str, bucket: str, uris: list[st
         weights_sha256=meta.weights_sha256,
         preprocessing_hash=meta.preprocessing_hash,
         stage_b_conditioning=meta.stage_b_conditioning if _stage_b(tensors) else {},
+        random_weights=random_weights(meta),
     )
     expect = replace(file_meta, tensor_shapes=meta.tensor_shapes)
     row_bytes = sum(math.prod(s) for s in _shapes(meta, config).values()) * np.dtype(config.dtype).itemsize
@@ -547,9 +560,11 @@ def model_metadata(
     meaning, scale and how to decode it (shapes are per file: ``bucket`` None describes the effnet as 16×h×w)."""
     tensors: dict[str, Any] = {}
     names = _columns(config, meta)
+    random = random_weights(meta)
     for name in names:
         role = _ROLES.get(name, "effnet")  # stage_b_effnet_{s}: the effnet encoder's
-        meaning, decode = _DOCS[name] if name in _DOCS else _stage_b_doc(name)
+        flavor = meta.encoder_flavors.get(role)
+        meaning, decode = _doc(name, meta.tensor_shapes[name].shape, flavor, random)
         shape: list[int | str] = list(meta.tensor_shapes[name].shape)
         if bucket is None and name in (c.EFFNET, c.STAGE_A):
             shape = [shape[0], "h" if name == c.EFFNET else "H/4", "w" if name == c.EFFNET else "W/4"]
@@ -557,7 +572,7 @@ def model_metadata(
             "shape": shape,
             "dtype": config.dtype,
             "role": role,
-            "flavor": meta.encoder_flavors.get(role),
+            "flavor": flavor,
             "meaning": meaning,
             "scale": _stage_a_scale(meta) if name == c.STAGE_A else 1.0,
             "decode": decode,
@@ -570,12 +585,34 @@ def model_metadata(
         "layout": "tensor columns are nested fixed-size lists in C (row-major) order; "
         "numpy: np.asarray(values).reshape(n_rows, *shape)",
         "encoder_flavors": dict(meta.encoder_flavors),
+        "random_weights": random,
+        "warning": RANDOM_WEIGHTS_WARNING if random else None,
         "weights_sha256": dict(meta.weights_sha256),
         "preprocessing_hash": meta.preprocessing_hash,
         "preprocessing": cache.get("preprocessing"),
         "tensors": tensors,
         "empty_caption": _empty_caption_doc(empty_caption),
     } | ({"stage_b_conditioning": dict(meta.stage_b_conditioning)} if _stage_b(names) else {})
+
+
+def random_weights(meta: FileMetadata) -> bool:
+    """Whether the cache's encoders ran on random weights: its ``cascade.random_weights``, or for caches from
+    before that key, whether any encoder is a ``*/tiny`` flavor (the only ones that ran without weights)."""
+    if meta.random_weights is not None:
+        return meta.random_weights
+    return any(flavor.endswith("/tiny") for flavor in meta.encoder_flavors.values())
+
+
+def _doc(name: str, shape: Sequence[int], flavor: str | None, random: bool) -> tuple[str, str]:
+    """(meaning, decode) of a tensor column, naming the encoder that made it and the stored width."""
+    if name not in _DOCS:
+        return _stage_b_doc(name)
+    released, meaning, decode = _DOCS[name]
+    model = released
+    if flavor is not None and flavor.endswith("/tiny"):
+        weights = "seeded random weights" if random else "its own weights"
+        model = f"{flavor} (a small stand-in for the {released}, {weights})"
+    return meaning.format(model=model, c=shape[-1]), decode
 
 
 def _stage_b(names: Sequence[str]) -> bool:

@@ -14,6 +14,9 @@ The order is a pure function of the seed, so every worker and every resumed run 
 A window is read once per rank (its files, the training columns only) and yields that rank's micro-batches;
 ``start_step`` skips whole windows and the steps before it, so a resumed run reads no batch twice. On Ray,
 one dataset per rank streams these micro-batches to the workers (``get_dataset_shard(f"rank_{r}")``).
+
+Tensors keep the stored shapes: ``clip_text_pooled`` and ``clip_img`` are (micro_batch, C); the training specs
+reshape them to Stage C's (B, 1, C) (``latents_reader.stage_c_shapes_of`` does the same for other readers).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def expected(root: Path | list[str], dtype: str) -> dict[str, dict[str, np.ndarr
 
 def bucket_file(cache: Path, bucket: str) -> str:
     """The cache's (only) Parquet file of ``bucket``."""
-    (uri,) = [u for u in list_latent_files(str(cache)) if f"-{bucket}-" in u]
+    (uri,) = [u for u in list_latent_files(str(cache)) if f"/parquet/{bucket}/" in u]
     return uri
 
 
@@ -176,6 +176,15 @@ def test_one_bucket_per_file_split_by_rows_and_manifest(exports, cache) -> None:
     assert model["tensors"][c.EFFNET]["shape"] == [16, 6, 9] and model["tensors"][c.EFFNET]["scale"] == 1.0
     assert "before final_layer_norm" in model["tensors"][c.CLIP_TEXT]["meaning"]
     assert model["empty_caption"]["file"] == "empty_caption.safetensors"
+    # the cache's encoders are */tiny flavors on random weights: the encode wrote it, the export says so
+    assert read_file_metadata(bucket_file(cache, "9x6")).random_weights is True
+    assert (
+        pq.read_schema(root / "9x6/part-00000-00000.parquet").metadata[b"cascade.random_weights"] == b"true"
+    )
+    assert model["random_weights"] is True and "random weights" in model["warning"]
+    width = model["tensors"][c.CLIP_TEXT_POOLED]["shape"][-1]
+    assert f"({width},)" in model["tensors"][c.CLIP_TEXT_POOLED]["meaning"] and width != 1280
+    assert "clip_text/tiny" in model["tensors"][c.CLIP_TEXT]["meaning"]
     assert (root / "empty_caption.safetensors").read_bytes() == (
         cache / "empty_caption.safetensors"
     ).read_bytes()

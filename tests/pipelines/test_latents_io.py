@@ -14,7 +14,6 @@ import pytest
 import safetensors
 
 from pipelines.core.latents_io import (
-    METADATA_MEMBER,
     parquet_bytes,
     to_latent_table,
     webdataset_bytes,
@@ -40,10 +39,10 @@ REAL_SHAPES = {
     c.EFFNET: (16, 24, 24),
     c.STAGE_A: (4, 256, 256),
     c.CLIP_TEXT: (77, 1280),
-    c.CLIP_TEXT_POOLED: (1, 1280),
+    c.CLIP_TEXT_POOLED: (1280,),
     c.CLIP_IMG: (768,),
 }
-TINY_SHAPES = {c.EFFNET: (16, 3, 4), c.CLIP_TEXT: (7, 8), c.CLIP_TEXT_POOLED: (1, 8), c.CLIP_IMG: (8,)}
+TINY_SHAPES = {c.EFFNET: (16, 3, 4), c.CLIP_TEXT: (7, 8), c.CLIP_TEXT_POOLED: (8,), c.CLIP_IMG: (8,)}
 DTYPES = ("float16", "bfloat16", "float32")
 SOURCES = (("parquet", "npy"), ("webdataset", "npy"), ("webdataset", "safetensors"))
 META = FileMetadata(
@@ -143,9 +142,9 @@ def test_metadata_round_trip_and_deterministic_bytes(tmp_path: Path) -> None:
     table = to_latent_table(latent_rows(TINY_SHAPES, 3), "float16", META)
     assert parquet_bytes(table) == parquet_bytes(table)
     assert webdataset_bytes(table, "npy") == webdataset_bytes(table, "npy")
-    [parquet_uri, tar_uri] = write_latent_files(table, str(tmp_path), "00007_12x9")
-    assert parquet_uri == f"{tmp_path}/parquet/00007_12x9.parquet" and tar_uri.endswith(
-        "webdataset/00007_12x9.tar"
+    [parquet_uri, tar_uri] = write_latent_files(table, str(tmp_path), "00007")
+    assert parquet_uri == f"{tmp_path}/parquet/24x24/00007.parquet" and tar_uri.endswith(
+        "webdataset/24x24/00007.tar"
     )
     expected_shapes = {name: TensorSpec(shape, "float16") for name, shape in TINY_SHAPES.items()}
 
@@ -165,22 +164,26 @@ def test_metadata_round_trip_and_deterministic_bytes(tmp_path: Path) -> None:
 
     with tarfile.open(tar_uri) as tar:
         members = tar.getmembers()
-        header = json.load(tar.extractfile(members[0]))
-        sample = json.load(tar.extractfile(members[1]))
-    assert members[0].name == METADATA_MEMBER and {m.mtime for m in members} == {0}
-    assert [m.name for m in members[1:7]] == [
+        samples = [json.load(tar.extractfile(m)) for m in members if m.name.endswith(".json")]
+    assert {m.mtime for m in members} == {0} and len(samples) == 3  # no pseudo-sample: every member is data
+    assert [m.name for m in members[:6]] == [
         "24x24_000_0000.json",
         *(f"24x24_000_0000.{name}.npy" for name in TINY_SHAPES),
         "24x24_000_0001.json",
     ]
-    assert header["cascade.schema"] == "latents@1" and header["cascade.num_samples"] == 3
-    assert header["cascade.preprocessing_hash"] == META.preprocessing_hash
-    assert header["cascade.weights_sha256"] == dict(META.weights_sha256)
-    assert header["cascade.encoder_flavors"] == dict(META.encoder_flavors)
-    assert header["cascade.tensor_shapes"][c.CLIP_TEXT] == {"shape": [7, 8], "dtype": "float16"}
-    assert header["cascade.member_format"] == "npy"
+    sample = samples[0]  # each sample's json carries the file metadata
+    assert sample["cascade.schema"] == "latents@1" and sample["cascade.num_samples"] == 3
+    assert sample["cascade.preprocessing_hash"] == META.preprocessing_hash
+    assert sample["cascade.weights_sha256"] == dict(META.weights_sha256)
+    assert sample["cascade.encoder_flavors"] == dict(META.encoder_flavors)
+    assert sample["cascade.tensor_shapes"][c.CLIP_TEXT] == {"shape": [7, 8], "dtype": "float16"}
+    assert sample["cascade.member_format"] == "npy" and sample["cascade.layout"] == 2
     assert sample[c.KEY] == "24x24/000.0000" and sample[c.ORIG_HEIGHT] == 1
-    assert sample["cascade.metadata"] == METADATA_MEMBER and sample["cascade.dtype"] == "float16"
+    assert sample["cascade.dtype"] == "float16" and "cascade.random_weights" not in sample  # META: unset
+    assert [s[c.KEY] for s in samples] == ["24x24/000.0000", "24x24/000.0001", "24x24/000.0002"]
+    assert {json.dumps({k: v for k, v in s.items() if k.startswith("cascade.")}) for s in samples} == {
+        json.dumps({k: v for k, v in sample.items() if k.startswith("cascade.")})
+    }
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
@@ -234,10 +237,10 @@ def test_corrupt_and_truncated_files_are_refused_by_name(tmp_path: Path) -> None
             r"half\.parquet: not a readable latents Parquet",
         ),
         "parquet/junk.parquet": (b"PAR1" + b"\0" * 100, r"junk\.parquet: not a readable latents Parquet"),
-        "webdataset/half.tar": (tar[: len(tar) // 2], r"half\.tar: not a readable latents WebDataset tar"),
+        "webdataset/half.tar": (tar[: len(tar) // 2], r"half\.tar: .*truncated"),
         "webdataset/cut.tar": (
             tar[:last_sample],
-            r"cut\.tar: __metadata__\.json promises 3 samples, found 2",
+            r"cut\.tar: its metadata promises 3 samples, found 2",
         ),
         "webdataset/junk.tar": (b"\x00junk" * 200, r"junk\.tar: "),
     }
@@ -362,7 +365,7 @@ def test_s3_round_trip_on_loopback(s3_options: dict, ray_local, tmp_path: Path) 
     table = to_latent_table(rows, "float16", META)
     roots = write_all(table, "s3://latents/run1", options=s3_options)
     assert list_latent_files("s3://latents/run1/npy", "parquet", s3_options) == [
-        "s3://latents/run1/npy/parquet/00007_24x24.parquet"
+        "s3://latents/run1/npy/parquet/24x24/00007_24x24.parquet"
     ]
     local = write_all(table, tmp_path)
     for src in SOURCES:
@@ -382,3 +385,63 @@ def test_safetensors_bytes_are_plain_safetensors() -> None:
     loaded = load(member)
     assert sorted(loaded) == sorted(TINY_SHAPES) and loaded[c.CLIP_TEXT].dtype == np.float32
     assert safetensors.deserialize(member)[0][1]["dtype"] == "F32"
+
+
+def test_pooled_embeddings_are_stored_c_and_read_as_stage_c_takes_them(tmp_path: Path) -> None:
+    """(N, 1, C) input is stored as (C,) per row; ``stage_c_shapes`` gives Stage C's (N, 1, C) back."""
+    rows = latent_rows(TINY_SHAPES | {c.CLIP_TEXT_POOLED: (1, 8), c.CLIP_IMG: (1, 8)}, 2)
+    write_latent_files(to_latent_table(rows, "float16", META), str(tmp_path), "00007")
+    for fmt in ("parquet", "webdataset"):
+        meta = read_file_metadata(list_latent_files(str(tmp_path), fmt)[0], fmt)
+        assert meta.tensor_shapes[c.CLIP_TEXT_POOLED].shape == (8,) and meta.tensor_shapes[
+            c.CLIP_IMG
+        ].shape == (8,)
+        plain = read_one(str(tmp_path), fmt)
+        stage_c = read_one(str(tmp_path), fmt, stage_c_shapes=True)
+        assert plain[c.CLIP_TEXT_POOLED].shape == (2, 8) and stage_c[c.CLIP_TEXT_POOLED].shape == (2, 1, 8)
+        assert stage_c[c.CLIP_IMG].shape == (2, 1, 8) and stage_c[c.CLIP_TEXT].shape == (2, 7, 8)
+        assert np.array_equal(stage_c[c.CLIP_IMG][:, 0], rows[c.CLIP_IMG][:, 0].astype(np.float16))
+
+
+def _layout_1_tar(tar_bytes: bytes) -> bytes:
+    """The same file as the writer made it before layout 2: metadata in a first ``__metadata__.json`` member."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        members = src.getmembers()
+        first = json.load(src.extractfile(members[0]))
+        header = {k: v for k, v in first.items() if k.startswith("cascade.") and k != "cascade.dtype"}
+        header.pop("cascade.layout")
+        for name, data in [("__metadata__.json", json.dumps(header).encode())] + [
+            (m.name, src.extractfile(m).read()) for m in members
+        ]:
+            if name.endswith(".json") and name != "__metadata__.json":
+                record = {
+                    k: v for k, v in json.loads(data).items() if k == "cascade.dtype" or k not in header
+                }
+                data = json.dumps(record | {"cascade.metadata": "__metadata__.json"}).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_layout_1_files_still_read(tmp_path: Path) -> None:
+    """Caches from before layout 2 (flat folders, tars with ``__metadata__.json`` first) read as before."""
+    table = to_latent_table(latent_rows(TINY_SHAPES, 3), "bfloat16", META)
+    (tmp_path / "parquet").mkdir()
+    (tmp_path / "webdataset").mkdir()
+    (tmp_path / "parquet" / "00007-24x24-abc.parquet").write_bytes(parquet_bytes(table))
+    (tmp_path / "webdataset" / "00007-24x24-abc.tar").write_bytes(_layout_1_tar(webdataset_bytes(table)))
+    assert_bit_identical(
+        read_one(str(tmp_path), "parquet", expect=META), read_one(str(tmp_path), "webdataset")
+    )
+    tar = str(tmp_path / "webdataset" / "00007-24x24-abc.tar")
+    assert read_file_metadata(tar, "webdataset") == read_file_metadata(
+        str(tmp_path / "parquet" / "00007-24x24-abc.parquet")
+    )
+
+
+def test_an_empty_table_makes_no_tar() -> None:
+    table = to_latent_table(latent_rows(TINY_SHAPES, 0), "float16", META)
+    with pytest.raises(ValueError, match="at least one sample"):
+        webdataset_bytes(table)
