@@ -138,7 +138,7 @@ def train_config(
     from pipelines.train_data.batches import TrainDataConfig
 
     return TrainConfig(
-        data=TrainDataConfig(path=str(cache)), output_dir=str(out), flavor=stage_c,
+        data=TrainDataConfig(path=str(cache)), output_dir=str(out), flavor=stage_c, allow_random_weights=True,
         batch_size=settings.batch, max_steps=max_steps, log_every=log_every, save_every=max_steps,
         bf16_autocast=settings.bf16_autocast, scaling=ScalingSpec(num_workers=1, cpus_per_worker=1.0),
     )  # fmt: skip

@@ -126,6 +126,7 @@ def train_config(cache: Path, out: Path, stage_b: str, settings: Settings, max_s
 
     return TrainConfig(
         data=TrainDataConfig(path=str(cache)), output_dir=str(out), mode="stage_b", flavor=stage_b,
+        allow_random_weights=True,
         batch_size=settings.batch, max_steps=max_steps, log_every=1, save_every=max_steps,
         bf16_autocast=settings.bf16_autocast, scaling=ScalingSpec(num_workers=1, cpus_per_worker=1.0),
     )  # fmt: skip

@@ -1,6 +1,8 @@
 """The ``cascade`` command line: one subcommand per job.
 
 Heavy imports (torch, ray, transformers) happen inside each subcommand so ``cascade --help`` is instant.
+A user error prints one line and exits 2; ``--verbose`` (anywhere on the line) adds tracebacks and the
+libraries' logs. Exit codes are in ``jobs.console``.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 # Offline by construction: nothing in this project downloads weights at run time.
@@ -79,12 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="cascade-data: encode image–text datasets into Stable Cascade latents on Ray, "
         "then train on the cache.",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show tracebacks, Ray's logs and library warnings (any position on the line)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_job_parsers(sub)
     from cluster.cli import add_parsers as add_cluster_parsers
+    from jobs.convert import add_convert_parser
     from jobs.submit import add_submit_parser
 
     add_submit_parser(sub)
+    add_convert_parser(sub)
     add_cluster_parsers(sub)
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("doctor", "print versions, flavors, the Ray status and whether CUDA is present", _cmd_doctor),
@@ -112,16 +122,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _from_cluster(exc: BaseException) -> bool:
+    """A Ray task or actor error (it may subclass the user's exception type, but the job failed)."""
+    return any(cls.__module__.startswith("ray.") for cls in type(exc).__mro__)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from jobs import console
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--verbose"])
+    console.configure(verbose)
+    native = None
+    if not verbose and args.command in _ray_commands():
+        native = console.NativeLogFilter(console.log_path(args.command, "ray-native"))
+    try:
+        return _run(args, verbose)
+    finally:
+        if native is not None:
+            native.close()
+
+
+def _ray_commands() -> set[str]:
+    from jobs.pipeline_jobs import JOBS
+
+    return {*JOBS, "demo"}
+
+
+def _run(args: argparse.Namespace, verbose: bool) -> int:
+    from jobs import console
+
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"cascade {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        print(f"cascade {args.command}: failed: {exc}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"cascade {args.command}: interrupted", file=sys.stderr)
+        return console.EXIT_INTERRUPTED
+    except USER_ERRORS as exc:
+        if not _from_cluster(exc):
+            if verbose:
+                traceback.print_exc()
+            print(f"cascade {args.command}: error: {console.first_line(exc)}", file=sys.stderr)
+            return console.EXIT_USAGE
+        return _failed(args.command, exc, verbose)
+    except Exception as exc:
+        return _failed(args.command, exc, verbose)
+
+
+def _failed(command: str, exc: BaseException, verbose: bool) -> int:
+    from jobs import console
+
+    log = console.write_traceback(command, exc)
+    if verbose:
+        traceback.print_exception(exc)
+    print(f"cascade {command}: failed: {console.first_line(exc)} (traceback: {log}; Ray logs: "
+          "/tmp/ray/session_latest/logs)", file=sys.stderr)  # fmt: skip
+    return console.EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -110,7 +110,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     data: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
-        loaded = yaml.safe_load(text)
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
                 f"{path}: the top level must be a mapping of fields, got {type(loaded).__name__}"
@@ -149,3 +155,43 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
         type_name = getattr(hints[f.name], "__name__", str(hints[f.name])).replace("typing.", "")
         lines.append(f"{prefix}{f.name} ({type_name}) = {default}")
     return lines
+
+
+def walk(config: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any, dataclasses.Field]]:
+    """Every field of a config tree, depth first: ``(dotted name, value, the dataclass holding it, field)``."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        yield f"{prefix}{f.name}", value, config, f
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from walk(value, f"{prefix}{f.name}.")
+
+
+TRAINED = {"trained": True}  # field metadata: the flavor a job trains (no weights = train from scratch)
+_WEIGHT_FIELDS = ("weights", "clip_weights", "aesthetic_weights")
+
+
+def model_fields(config: Any) -> typing.Iterator[tuple[str, str, bool, bool]]:
+    """The models a config names: ``(dotted field, flavor, has weights, trained)``. A model field holds a flavor
+    name (``flavor``, ``preview.previewer``, ...); its weights are the sibling ``weights`` fields or
+    ``<field>_weights``."""
+    from stages.flavors import FLAVORS
+
+    for name, value, parent, f in walk(config):
+        leaf = name.rsplit(".", 1)[-1]
+        if not isinstance(value, str) or not (
+            value in FLAVORS or (leaf == "flavor" and value.endswith("/tiny"))
+        ):
+            continue  # (the scorer's flavors, ``clip_score/*``, have a registry of their own)
+        siblings = _WEIGHT_FIELDS if leaf == "flavor" else (f"{leaf}_weights",)
+        has_weights = any(getattr(parent, w, None) for w in siblings)
+        yield name, value, has_weights, bool(f.metadata.get("trained"))
+
+
+def random_weight_models(config: Any) -> list[str]:
+    """The models a config runs on seeded random weights, as ``field=flavor``: a ``*/tiny`` flavor without a
+    weights file, or a frozen released flavor without one (a trained one without weights trains from scratch)."""
+    return [
+        f"{name}={flavor}"
+        for name, flavor, has_weights, trained in model_fields(config)
+        if not has_weights and (flavor.endswith("/tiny") or not trained)
+    ]

@@ -11,10 +11,12 @@ before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from jobs.pipeline_jobs import JOBS, IngestJobConfig, init_ray
 from jobs.train_config import PreviewConfig, TrainConfig
@@ -91,7 +93,8 @@ def demo_jobs(config: DemoConfig) -> list[tuple[str, Any]]:
         )
 
     shards = SourceConfig(kind="webdataset", path=str(out / "shards"))
-    scorer = (ScorerConfig(clip_weights=files["clip_weights"], aesthetic_weights=files["aesthetic_weights"])
+    scorer = (ScorerConfig(flavor="clip_score/l14", clip_weights=files["clip_weights"],
+                           aesthetic_weights=files["aesthetic_weights"])
               if files else ScorerConfig(flavor="clip_score/tiny"))  # fmt: skip
     rules = (Rule(field="aspect_ratio", op=">=", value=0.5), Rule(field="aspect_ratio", op="<=", value=2.0),
              Rule(field="caption_length", op=">=", value=10))  # fmt: skip
@@ -102,7 +105,7 @@ def demo_jobs(config: DemoConfig) -> list[tuple[str, Any]]:
     train = TrainConfig(
         data=TrainDataConfig(path=str(out / "latents")), output_dir=str(out / "train"),
         flavor=RELEASED["stage_c"] if files else "stage_c/tiny", weights=files.get("stage_c"),
-        batch_size=2, max_steps=config.train_steps, lr=1e-4 if files else 1e-3,
+        allow_random_weights=not files, batch_size=2, max_steps=config.train_steps, lr=1e-4 if files else 1e-3,
         save_every=config.train_steps, log_every=max(1, config.train_steps // 6),
         preview=PreviewConfig(every=config.train_steps, samples=2, timesteps=4 if not files else 20,
                               previewer=RELEASED["previewer"] if files else "previewer/tiny",
@@ -113,7 +116,7 @@ def demo_jobs(config: DemoConfig) -> list[tuple[str, Any]]:
         timesteps=10 if files else 4, lpips=LpipsConfig(backbone_weights=files.get("lpips")),
     )  # fmt: skip
     return [
-        ("ingest", IngestJobConfig(existing=IngestConfig(source=SourceConfig(kind="folder", path=config.photos),
+        ("ingest", IngestJobConfig(existing=IngestConfig(source=SourceConfig(kind="folder", path=f"{config.photos}/*.jpg"),
                                                          output_dir=str(out / "shards")))),
         ("score", ScoreConfig(shards=shards, output_dir=str(out / "scores"), scorer=scorer)),
         ("filter", FilterConfig(scores_dir=str(out / "scores"), output_dir=str(out / "filtered"), rules=rules)),
@@ -163,16 +166,19 @@ def run_demo(config: DemoConfig, address: str | None = None) -> dict[str, str]:
     init_ray(address)
     import ray
 
-    # One headline per job instead of Ray Data's live bars (a Train worker's bars would redraw over the list).
+    # One headline per job instead of Ray Data's live bars and the jobs' progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
     where: dict[str, str] = {}
-    for i, (name, job_config) in enumerate(jobs, 1):
-        start = time.monotonic()
-        if JOBS[name].check is not None:
-            JOBS[name].check(job_config)
-        summary = JOBS[name].run(job_config)
-        where[name] = _where(name, summary, job_config)
-        print(f"[{i}/{len(jobs)}] {name:8s} {time.monotonic() - start:6.1f} s  {_headline(name, summary)}")
+    with mock.patch.dict(os.environ, {"CASCADE_PROGRESS": "off"}):
+        for i, (name, job_config) in enumerate(jobs, 1):
+            start = time.monotonic()
+            if JOBS[name].check is not None:
+                JOBS[name].check(job_config)
+            summary = JOBS[name].run(job_config)
+            where[name] = _where(name, summary, job_config)
+            print(
+                f"[{i}/{len(jobs)}] {name:8s} {time.monotonic() - start:6.1f} s  {_headline(name, summary)}"
+            )
     print("\noutputs:")
     for name, path in where.items():
         print(f"  {name:8s} {path}")

@@ -1,6 +1,7 @@
-"""Entry points of the data jobs (ingest, score, filter): config in, Ray started, pipeline run, summary out.
+"""Entry points of the jobs: config in, checks, Ray started, pipeline run, summary out.
 
-Each job validates its whole config before Ray starts, so a bad field fails in milliseconds with its name.
+Each job validates its whole config and its paths (``jobs.preflight``) before Ray starts, so a bad field fails
+in milliseconds with its name; a job that runs any random-weight model says so in its first line.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from jobs import console
+from jobs.preflight import preflight
 from jobs.train import check_train, run_train
 from jobs.train_config import TrainConfig
+from pipelines.core.notice import notice
 from pipelines.encode.pipeline import EncodeConfig, run_encode
 from pipelines.export.pipeline import ExportConfig, run_export
 from pipelines.filter.pipeline import FilterConfig, run_filter
@@ -54,10 +58,12 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {"logging_level": "ERROR", "log_to_driver": console.log_to_driver()}
     if address:
-        ray.init(address=address, logging_level="ERROR")
+        ray.init(address=address, **quiet)
     else:
-        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", include_dashboard=False, **quiet)
+    console.quiet_ray()
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,10 @@ JOBS: dict[str, Job] = {
 def run_job(name: str, config: Any, address: str | None = None) -> dict[str, Any]:
     """Run a job whose config is already built and validated; returns its summary as a dict."""
     job = JOBS[name]
+    preflight(config)
+    warning = console.random_weights_line(config)
+    if warning:
+        notice(warning)
     checked = job.check(config) if job.check is not None else None  # once, before Ray; the run reuses it
     if job.needs_ray:
         init_ray(address)

@@ -13,7 +13,10 @@ resumes from the newest one exactly (same batches, same random draws).
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,7 @@ from jobs.specs.spec import check_cache_columns
 from jobs.train_checkpoint import complete_state
 from jobs.train_config import TrainConfig
 from pipelines.core.notice import notice
+from pipelines.core.progress import Progress
 from pipelines.train_data.batches import (
     Cache,
     ReadSpec,
@@ -90,6 +94,26 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 
+def random_cache_encoders(cache: Cache) -> list[str]:
+    """The cache's encoders that ran on random weights (``cascade.random_weights``; caches written before the
+    key: every ``*/tiny`` encoder flavor, the only ones that ran without weights)."""
+    meta = cache.metadata
+    flagged = getattr(meta, "random_weights", None)
+    tiny = [f"{role}={f}" for role, f in sorted(meta.encoder_flavors.items()) if f.endswith("/tiny")]
+    if flagged is None:
+        return tiny
+    return (tiny or ["cascade.random_weights"]) if flagged else []
+
+
+def check_cache_weights(config: TrainConfig, cache: Cache) -> None:
+    random = random_cache_encoders(cache)
+    if random and not config.allow_random_weights:
+        raise ValueError(
+            f"data.path={config.data.path!r} was encoded with random-weight encoders ({', '.join(random)}): "
+            "training on it learns nothing about real images; set allow_random_weights: true for a test run"
+        )
+
+
 def check_train(config: TrainConfig) -> TrainPlan:
     """Every check that can fail before a worker starts; returns the data plan and the resume point."""
     spec = get_spec(config.mode)
@@ -98,6 +122,7 @@ def check_train(config: TrainConfig) -> TrainPlan:
     for check in spec.checks:
         check(config)
     cache = open_cache(config.data)
+    check_cache_weights(config, cache)
     columns = check_cache_columns(spec, config, cache)
     resume, state = latest_checkpoint(config)
     start = 0
@@ -184,6 +209,42 @@ def _worker(loop_config: dict[str, Any]) -> None:
     loop.run(iter_rank(shard, config.data.prefetch_batches))
 
 
+@contextlib.contextmanager
+def watch_metrics(config: TrainConfig, start_step: int, every_s: float = 5.0) -> Iterator[Progress]:
+    """Show training progress (step, loss, samples/s, ETA) from rank 0's ``metrics.csv``, read every
+    ``every_s`` seconds on the driver while the workers train (one small read per poll, whatever the scale)."""
+    progress = Progress(config.mode.replace("_", "-"), config.max_steps, unit="steps", rate_of="")
+    progress.update(start_step)
+    stop = threading.Event()
+    seen = [start_step]
+
+    def read() -> None:
+        try:
+            with fsspec.open(f"{config.run_dir}/metrics.csv", "rt", **config.storage_options) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) > seen[0]]
+        except (OSError, ValueError, KeyError):
+            return  # not written yet, or mid-rewrite
+        if rows:
+            last = rows[-1]
+            shown = {"loss": float(last["loss"]), "samples/s": float(last["samples_per_s"])}
+            progress.update(int(last["step"]) - seen[0], show=shown)
+            seen[0] = int(last["step"])
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            read()
+
+    thread = threading.Thread(target=poll, name="train-progress", daemon=True)
+    thread.start()
+    try:
+        yield progress
+    finally:
+        stop.set()
+        thread.join()
+        read()
+        progress.close()
+
+
 def run_train(config: TrainConfig, plan: TrainPlan | None = None) -> TrainSummary:
     """Check and plan (unless ``plan`` is ``check_train``'s result already), then fit; returns where the
     checkpoints and metrics are."""
@@ -213,7 +274,8 @@ def run_train(config: TrainConfig, plan: TrainPlan | None = None) -> TrainSummar
         datasets=rank_datasets(plan.windows, read_spec(config, plan), config.data.read_cpus),
         dataset_config=DataConfig(datasets_to_split=[]),
     )  # fmt: skip
-    result = trainer.fit()
+    with watch_metrics(config, plan.start_step):
+        result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     final = (result.metrics or {}).get("step", plan.start_step)
     return TrainSummary(config.run_dir, config.mode, plan.start_step, final, checkpoint, metrics_csv,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from jobs.config import TRAINED
 from jobs.specs import get_spec
 from pipelines.core.sources import SourceConfig
 from pipelines.train_data.batches import TrainDataConfig
@@ -54,15 +55,15 @@ class ControlNetTrainConfig:
         images: where the image–text shards the cache was encoded from are now (None: the paths the cache
             recorded); the control input is computed from each sample's training crop of its original image
             (canny edges, inpainting mask + masked image, the low-res image's effnet latent).
-        effnet: the effnet flavor/weights for the super-resolution input (the low-res image's latent).
-        effnet_weights: its weights (None: seeded random init; must match the cache's effnet for real runs).
+        effnet: the effnet flavor for the super-resolution input (the low-res image's latent); required there.
+        effnet_weights: its weights (required for a released flavor; must match the cache's effnet).
         offset_noise: GDF offset noise; None: the official value for the kind (0.1 inpainting/SR, 0 canny).
     """
 
-    flavor: str
+    flavor: str = dataclasses.field(metadata=TRAINED)
     weights: str | None = None
     images: SourceConfig | None = None
-    effnet: str = "effnet"
+    effnet: str | None = None
     effnet_weights: str | None = None
     offset_noise: float | None = None
 
@@ -90,7 +91,8 @@ class ControlNetTrainConfig:
 class PreviewConfig:
     """Preview grids every ``every`` steps (0 turns them off): decoded samples next to the cached latents.
 
-    Stage C's grids are decoded by the Previewer (``previewer``), Stage B's by Stage A (``stage_a``).
+    Stage C's grids are decoded by the Previewer (``previewer``), Stage B's by Stage A (``stage_a``): name the
+    one the mode needs when ``every`` > 0, with its weights (a ``*/tiny`` flavor runs on random weights).
     ``timesteps`` and ``cfg`` default to the official sampling of the model (Stage C 20 steps at cfg 5,
     Stage B 10 steps at cfg 1.1).
     """
@@ -99,15 +101,15 @@ class PreviewConfig:
     samples: int = 4
     timesteps: int | None = None
     cfg: float | None = None
-    previewer: str = "previewer"
+    previewer: str | None = None
     previewer_weights: str | None = None
-    stage_a: str = "stage_a"
+    stage_a: str | None = None
     stage_a_weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.samples < 1 or (self.timesteps is not None and self.timesteps < 1):
             raise ValueError(f"every={self.every} >= 0, samples={self.samples} and timesteps >= 1 required")
-        if not self.previewer.startswith("previewer"):
+        if self.previewer is not None and not self.previewer.startswith("previewer"):
             raise ValueError(f"previewer={self.previewer!r} is not a previewer flavor")
 
 
@@ -137,7 +139,10 @@ class TrainConfig:
         output_dir: Ray Train storage (local or s3://): ``{output_dir}/{run_name}/checkpoint_<step>/``
             hold the safetensors checkpoints; ``metrics.csv`` and ``previews/`` sit beside them.
         flavor, weights: the flavor of the model the mode trains (Stage C; Stage B for ``stage_b``) and its
-            initial weights (None: seeded random init).
+            initial weights (None: seeded random init, training from scratch). Required, like every model field:
+            a ``*/tiny`` flavor is for tests and demos.
+        allow_random_weights: train on a cache whose encoders ran on random weights (``*/tiny`` flavors without
+            weights files, ``cascade.random_weights`` in its metadata); refused otherwise.
         mode: ``stage_c`` (full fine-tune), ``lora``, ``controlnet`` or ``stage_b``: the training spec
             (``jobs.specs``), set by the job.
         batch_size: samples per optimizer step over all workers (micro-batch = batch_size / workers / accum).
@@ -150,8 +155,9 @@ class TrainConfig:
 
     data: TrainDataConfig
     output_dir: str
-    flavor: str = "stage_c/tiny"
+    flavor: str = dataclasses.field(metadata=TRAINED)
     weights: str | None = None
+    allow_random_weights: bool = False
     mode: str = "stage_c"
     experiment_id: str = ""
     batch_size: int = 32

@@ -120,3 +120,23 @@ def check_cache_columns(spec: TrainSpec, config: TrainConfig, cache: Cache) -> d
                 f"holds {shapes.get(name)} (encoded with {dict(cache.metadata.encoder_flavors)})"
             )
     return wanted
+
+
+def frozen_flavor(field: str, name: str | None, weights: str | None, use: str) -> Any:
+    """The flavor of a frozen helper model (``preview.previewer``, ``controlnet.effnet``), checked: named, known,
+    and with its weights unless it is a ``*/tiny`` flavor (random weights, for tests and demos)."""
+    from stages.flavors import get_flavor
+
+    if name is None:
+        raise ValueError(
+            f"{field} is required {use} (a released flavor with {field}_weights, or a */tiny one)"
+        )
+    try:
+        flavor = get_flavor(name)
+    except ValueError as err:
+        raise ValueError(f"{field}: {err}") from None
+    if weights is None and not flavor.tiny:
+        raise ValueError(
+            f"{field}_weights is required for {field}={name!r} (only */tiny flavors run on random weights)"
+        )
+    return flavor

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from jobs.specs.preview import decoded, png_grid
-from jobs.specs.spec import TrainSpec
+from jobs.specs.spec import TrainSpec, frozen_flavor
 from jobs.specs.stage_c import UNET_UNITS, build_generator
 from pipelines.core.notice import notice
 from pipelines.train_data.crops import crop_spec, training_crops
@@ -112,10 +112,11 @@ def _originals(loop: TrainLoop, batch: MicroBatch, n: int, side: int) -> list[to
 
 def check_preview(config: TrainConfig) -> None:
     preview = config.preview
-    try:
-        stage_a = get_flavor(preview.stage_a)
-    except ValueError as err:
-        raise ValueError(f"preview.stage_a: {err}") from None
+    if not preview.every:
+        return
+    stage_a = frozen_flavor(
+        "preview.stage_a", preview.stage_a, preview.stage_a_weights, "when preview.every > 0"
+    )
     c_out = get_flavor(config.flavor).config.c_out
     if stage_a.family != "stage_a" or stage_a.config.c_latent != c_out:
         raise ValueError(f"preview.stage_a={preview.stage_a!r} does not decode {config.flavor} latents")

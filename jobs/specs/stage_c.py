@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from jobs.specs.preview import decoded, png_grid
-from jobs.specs.spec import Built, TrainSpec
+from jobs.specs.spec import Built, TrainSpec, frozen_flavor
 from pipelines.train_data.batches import IMAGES
 from schemas import columns as c
 from stages.common import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock
@@ -130,8 +130,11 @@ def preview(loop: TrainLoop, batch: MicroBatch) -> bytes:
 
 def check_previewer(config: TrainConfig) -> None:
     preview = config.preview
-    previewer = _flavor("preview.previewer", preview.previewer)
-    if preview.every and previewer.config.c_in != get_flavor(config.flavor).config.c_in:
+    if not preview.every:
+        return
+    previewer = frozen_flavor("preview.previewer", preview.previewer, preview.previewer_weights,
+                              "when preview.every > 0")  # fmt: skip
+    if previewer.config.c_in != get_flavor(config.flavor).config.c_in:
         raise ValueError(f"preview.previewer={preview.previewer!r} does not decode {config.flavor} latents")
 
 
@@ -154,7 +157,7 @@ def check_controlnet(config: TrainConfig) -> None:
             f"controlnet.flavor={cn.flavor!r} takes {cnet.c_in} channels, {cn.kind} gives {CONTROL_KINDS[cn.kind]}"
         )
     if cn.kind == "super_resolution":
-        _flavor("controlnet.effnet", cn.effnet)
+        frozen_flavor("controlnet.effnet", cn.effnet, cn.effnet_weights, "for super_resolution")
 
 
 def _flavor(field: str, name: str) -> Any:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipelines.core.progress import Progress
 from pipelines.core.step import Batch, batch_size, object_column
 from schemas.columns import KEY, REJECT_DETAIL, REJECT_REASON, REJECT_STEP, SOURCE
 
@@ -108,6 +109,7 @@ class ShardTracker:
         self.parts: dict[str, list] = defaultdict(list)
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self.done: set[str] = set()
+        self.n_rejected = 0  # over all shards, for the progress line
 
     def add(self, summary: Batch) -> list[dict[str, Any]]:
         complete = []
@@ -121,7 +123,9 @@ class ShardTracker:
             if int(total) >= 0:
                 self.totals[shard_id] = int(total)
             self.parts[shard_id] += json.loads(parts)
-            self.counts[shard_id].update(json.loads(counts))
+            counts = json.loads(counts)
+            self.counts[shard_id].update(counts)
+            self.n_rejected += int(counts.get("n_rejected", 0))
             if self.totals.get(shard_id) == self.rows[shard_id]:
                 self.done.add(shard_id)
                 complete.append({"shard_id": shard_id, "parts": self.parts.pop(shard_id),
@@ -138,17 +142,50 @@ def run_and_commit(
     items: list[dict[str, Any]],
     committer: Committer,
     record: Callable[[dict], dict] | None = None,
+    job: str = "job",
 ) -> dict[str, dict[str, Any]]:
     """Stream ``items`` (one row per input shard) through ``plan``, whose last step is a writer, and commit each
     shard as soon as it is complete (``record`` turns the tracker's record into the commit record); returns the
-    records committed in this run."""
+    records committed in this run. Progress (shards, samples, rejects) is shown under the label ``job``."""
     import ray
 
     if items:
         tracker = ShardTracker()
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        # batch_size=None: every block as soon as it exists, so shards commit while the job runs
-        for batch in plan.apply(ds).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            for done in tracker.add(batch):
-                committer.submit(done["shard_id"], record(done) if record else done)
+        with Progress(job, len(items)) as progress:
+            # batch_size=None: every block as soon as it exists, so shards commit while the job runs
+            for batch in plan.apply(ds).iter_batches(
+                batch_size=None, batch_format="numpy", prefetch_batches=0
+            ):
+                rejected = tracker.n_rejected
+                complete = tracker.add(batch)
+                for done in complete:
+                    committer.submit(done["shard_id"], record(done) if record else done)
+                progress.update(len(complete), samples=int(np.sum(batch["n_rows"])),
+                                rejects=tracker.n_rejected - rejected)  # fmt: skip
     return committer.wait()
+
+
+def collect_records(
+    plan: Plan,
+    items: list[dict[str, Any]],
+    job: str,
+    samples: str = "n_input",
+    rejects: str | None = "n_rejected",
+) -> dict[str, dict[str, Any]]:
+    """Run ``plan`` (one task per item, each returning a shard's JSON ``record``) over ``items`` and collect the
+    records by shard id, showing progress: shards done, and the records' ``samples`` and ``rejects`` counts."""
+    import ray
+
+    records: dict[str, dict[str, Any]] = {}
+    if not items:
+        return records
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    with Progress(job, len(items)) as progress:
+        for batch in plan.apply(ds).iter_batches(batch_size=None, batch_format="numpy"):
+            done = {str(s): json.loads(r) for s, r in zip(batch[SHARD_ID], batch["record"], strict=True)}
+            records |= done
+            counts = {"samples": samples} | ({"rejects": rejects} if rejects else {})
+            progress.update(len(done), **{name: sum(int(r.get(key, 0)) for r in done.values())
+                                          for name, key in counts.items()})  # fmt: skip
+    return records

@@ -31,6 +31,7 @@ from pipelines.core.by_shard import open_per_shard
 from pipelines.core.commits import CommitStore, Committer, JobOutput
 from pipelines.core.commits import totals as _totals
 from pipelines.core.completion import run_and_commit
+from pipelines.core.latents_io import LAYOUT
 from pipelines.core.plan import Plan, PlannedStep
 from pipelines.core.preprocess import PreprocessConfig
 from pipelines.core.sources import SourceConfig, unique_shards
@@ -96,13 +97,9 @@ class EncodeConfig:
     inputs_endpoint_url: str | None = None
     preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
-    effnet: EncoderConfig = dataclasses.field(default_factory=lambda: EncoderConfig(flavor="effnet/tiny"))
-    clip_text: EncoderConfig = dataclasses.field(
-        default_factory=lambda: EncoderConfig(flavor="clip_text/tiny")
-    )
-    clip_image: EncoderConfig = dataclasses.field(
-        default_factory=lambda: EncoderConfig(flavor="clip_vision/tiny")
-    )
+    effnet: EncoderConfig
+    clip_text: EncoderConfig
+    clip_image: EncoderConfig
     stage_a: EncoderConfig | None = None
     stage_b_conditioning: str | None = None
     stage_b_cells: tuple[int, ...] | None = None
@@ -285,7 +282,9 @@ def run_encode(config: EncodeConfig) -> EncodeSummary:
     output = JobOutput(store, fingerprint(metadata), on_stale, redo="reencode")
     todo = set(output.start(shards))
     plan = encode_plan(config, write, read_config(config, store))
-    new = run_and_commit(plan, [s for i, s in shards.items() if i in todo], Committer(store), _files)
+    new = run_and_commit(
+        plan, [s for i, s in shards.items() if i in todo], Committer(store), _files, job="encode"
+    )
     return _finish(config, output, metadata, new, shards, len(shards) - len(todo))
 
 
@@ -319,7 +318,8 @@ def _finish(config: EncodeConfig, output: JobOutput, metadata: Any, new: dict, s
         buckets={k.removeprefix("bucket:"): v for k, v in totals.items() if k.startswith("bucket:")},
     )  # fmt: skip
     output.finish(
-        new, shards, schema="latents@1", encoder_flavors=metadata.encoder_flavors,
+        new, shards, schema="latents@1", layout=LAYOUT, encoder_flavors=metadata.encoder_flavors,
+        random_weights=metadata.random_weights,
         weights_sha256=metadata.weights_sha256, preprocessing_hash=metadata.preprocessing_hash,
         preprocessing=preprocessing_spec(config), dtype=config.dtype, formats=list(config.formats),
         member_format=config.member_format, empty_caption="empty_caption.safetensors",

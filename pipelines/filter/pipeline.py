@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipelines.core.by_shard import LAYOUT, open_per_shard, shard_file, shard_path
 from pipelines.core.commits import CommitStore, JobOutput
-from pipelines.core.completion import SHARD_ID
+from pipelines.core.completion import SHARD_ID, collect_records
 from pipelines.core.plan import Plan, PlannedStep
 from pipelines.core.step import Batch, Resources, Step, object_column
 from pipelines.core.storage import table_bytes
@@ -195,7 +195,6 @@ def check_rules(schema: pa.Schema, rules: Sequence[Rule]) -> None:
 
 def run_filter(config: FilterConfig) -> FilterSummary:
     """Apply the rules to every scored shard on the current Ray cluster; write kept keys and the report."""
-    import ray
 
     store = config.store
     scores_root, scores = open_per_shard(config.scores_dir, config.input_options, field="scores_dir",
@@ -217,9 +216,7 @@ def run_filter(config: FilterConfig) -> FilterSummary:
         task = ShardFilterConfig(scores_root=scores_root, storage_options=config.input_options, rules=config.rules,
                                  store=store)  # fmt: skip
         plan = Plan((SHARD_ID,), [PlannedStep(FilterShards, task, config.resources)])
-        ds = ray.data.from_items([{SHARD_ID: s} for s in todo], override_num_blocks=len(todo))
-        for batch in plan.apply(ds).iter_batches(batch_size=None, batch_format="numpy"):
-            new |= {str(s): json.loads(r) for s, r in zip(batch[SHARD_ID], batch["record"], strict=True)}
+        new = collect_records(plan, [{SHARD_ID: s} for s in todo], "filter", rejects=None)
     manifest = output.finish(new, shards, schema="kept_keys", layout=LAYOUT, scores_dir=config.scores_dir)
     totals = manifest["totals"]
     labels = [r.label for r in config.rules]

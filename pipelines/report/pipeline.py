@@ -25,6 +25,7 @@ import numpy as np
 from pipelines.core.commits import CommitStore, JobOutput
 from pipelines.core.plan import Plan, PlannedStep
 from pipelines.core.preprocess import PreprocessConfig
+from pipelines.core.progress import Progress
 from pipelines.core.sources import SourceConfig, caption_text, list_shards, read_shard
 from pipelines.core.step import Batch, Resources
 from pipelines.encode.models import EncodeEffnet, EncoderConfig, EncodeText
@@ -61,7 +62,8 @@ class ReportConfig:
             ``latents`` is not set; with ``latents``, the folder that now holds the cache's source shards.
         num_samples: samples to reconstruct; seed: the sample's seed.
         worst_k: examples shown in the worst-k section (by LPIPS, or PSNR when LPIPS is skipped).
-        preprocess, effnet, clip_text: raw images only: the crop and the encoders (as in ``cascade encode``).
+        preprocess, effnet, clip_text: raw images only: the crop and the encoders (as in ``cascade encode``;
+            required there, like every model: name ``*/tiny`` flavors for a random-weight dry run).
         reconstruct: Stage B / Stage A flavors and weights, sampler settings and the LPIPS backbone.
         endpoint_url: S3 endpoint of ``latents``; output_endpoint_url: of ``output_dir``.
         on_stale: a report made with other settings or from another cache: ``redo`` (default) or ``refuse``.
@@ -77,9 +79,9 @@ class ReportConfig:
     seed: int = 0
     worst_k: int = 8
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    effnet: EncoderConfig = field(default_factory=lambda: EncoderConfig(flavor="effnet/tiny"))
-    clip_text: EncoderConfig = field(default_factory=lambda: EncoderConfig(flavor="clip_text/tiny"))
-    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    effnet: EncoderConfig | None = None
+    clip_text: EncoderConfig | None = None
+    reconstruct: ReconstructConfig
     endpoint_url: str | None = None
     output_endpoint_url: str | None = None
     on_stale: str = "redo"
@@ -96,10 +98,11 @@ class ReportConfig:
             raise ValueError(f"latents_format={self.latents_format!r}; allowed: parquet, webdataset")
         if self.num_samples < 1 or self.worst_k < 0:
             raise ValueError(f"num_samples={self.num_samples} must be >= 1 and worst_k={self.worst_k} >= 0")
-        if not self.effnet.flavor.startswith("effnet") or not self.clip_text.flavor.startswith("clip_text"):
-            raise ValueError(
-                f"effnet.flavor={self.effnet.flavor!r} / clip_text.flavor={self.clip_text.flavor!r}"
-            )
+        if self.latents is None and (self.effnet is None or self.clip_text is None):
+            raise ValueError("effnet and clip_text are required for raw images (they encode them in memory)")
+        for role, encoder in (("effnet", self.effnet), ("clip_text", self.clip_text)):
+            if encoder is not None and not encoder.flavor.startswith(role):
+                raise ValueError(f"{role}.flavor={encoder.flavor!r} is not a {role} flavor")
 
     def input_options(self) -> dict[str, Any]:
         return {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
@@ -284,8 +287,12 @@ def run_report(config: ReportConfig) -> ReportSummary:
     plan = report_plan(config, list(rows[0]))
     ds = plan.apply(ray.data.from_items(rows, override_num_blocks=min(len(rows), 64)))
     keep = [name for name in REPORT_COLUMNS if name in plan.check()]
-    results = [row for batch in ds.select_columns(keep).iter_batches(batch_format="numpy", batch_size=None)
-               for row in _batch_rows(batch)]  # fmt: skip
+    results = []
+    with Progress("report", len(rows), unit="samples", rate_of="") as progress:
+        for batch in ds.select_columns(keep).iter_batches(batch_format="numpy", batch_size=None):
+            done = list(_batch_rows(batch))
+            results += done
+            progress.update(len(done))
     results.sort(key=lambda r: (r[c.SOURCE_SHARD], r[c.KEY]))
     report = build_report(config, results)
     out = config.output_dir.rstrip("/")

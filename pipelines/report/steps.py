@@ -62,8 +62,8 @@ class CacheCrops(Step):
 class ReconstructConfig:
     """Stage B and Stage A (flavor + weights), the Stage B sampler settings and the LPIPS backbone."""
 
-    stage_b: EncoderConfig = field(default_factory=lambda: EncoderConfig(flavor="stage_b/tiny", batch_size=4))
-    stage_a: EncoderConfig = field(default_factory=lambda: EncoderConfig(flavor="stage_a/tiny", batch_size=4))
+    stage_b: EncoderConfig
+    stage_a: EncoderConfig
     timesteps: int = 10
     cfg: float = 1.1
     shift: float = 1.0

@@ -68,19 +68,23 @@ META_FIELDS = {
 class ScorerConfig:
     """The scoring model: a flavor plus local weights (tiny flavors run on seeded random weights)."""
 
-    flavor: str = "clip_score/l14"
+    flavor: str
     clip_weights: str | None = None
     aesthetic_weights: str | None = None
     device: str = "cpu"
     max_pixels: int = PILLOW_MAX_PIXELS
+
+    @property
+    def random_weights(self) -> bool:
+        """Tiny scorer flavors run on seeded random weights (released ones refuse to run without theirs)."""
+        return self.flavor.endswith("/tiny")
 
     def __post_init__(self) -> None:
         from stages.scorers import FLAVORS
 
         if self.flavor not in FLAVORS:
             raise ValueError(f"scorer.flavor={self.flavor!r}; known: {', '.join(FLAVORS)}")
-        tiny = self.flavor.endswith("/tiny")
-        if not tiny and (self.clip_weights is None or self.aesthetic_weights is None):
+        if not self.random_weights and (self.clip_weights is None or self.aesthetic_weights is None):
             raise ValueError(
                 f"scorer.clip_weights and scorer.aesthetic_weights are required for {self.flavor} (random "
                 "weights give meaningless scores); use clip_score/tiny for a dry run"
@@ -263,9 +267,9 @@ def run_score(config: ScoreConfig) -> ScoreSummary:
     output = JobOutput(stage.store, fingerprint(config), config.on_stale)
     todo = set(output.start(shards))
     committer = Committer(stage.store, MergeParts(stage.file_schema))
-    new = run_and_commit(plan, [s for i, s in shards.items() if i in todo], committer)
+    new = run_and_commit(plan, [s for i, s in shards.items() if i in todo], committer, job="score")
     manifest = output.finish(new, shards, schema=stage.metadata.schema_id, layout=LAYOUT,
-                             shards_path=config.shards.path)  # fmt: skip
+                             shards_path=config.shards.path, random_weights=config.scorer.random_weights)  # fmt: skip
     totals = manifest["totals"]
     reasons = {k.removeprefix("reason:"): v for k, v in totals.items() if k.startswith("reason:")}
     return ScoreSummary(config.output_dir, len(shards), len(shards) - len(todo), totals.get("n_written", 0),

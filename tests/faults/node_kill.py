@@ -30,6 +30,7 @@ def main(job: str, shards: str, out: str) -> None:
     from pipelines.core.sources import SourceConfig
     from pipelines.encode.pipeline import EncodeConfig, run_encode
     from pipelines.score.pipeline import ScoreConfig, ScorerConfig, run_score
+    from tests.tiny import encoders
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     victim = cluster.add_node(num_cpus=2)
@@ -53,7 +54,7 @@ def main(job: str, shards: str, out: str) -> None:
         watcher.start()
         if job == "encode":
             summary = run_encode(EncodeConfig(shards=source, output_dir=out, formats=("parquet",),
-                                              preprocess=PreprocessConfig(image_size_px=128)))  # fmt: skip
+                                              preprocess=PreprocessConfig(image_size_px=128), **encoders()))  # fmt: skip
         else:
             summary = run_score(
                 ScoreConfig(shards=source, output_dir=out, scorer=ScorerConfig(flavor="clip_score/tiny"))

@@ -46,12 +46,14 @@ def test_train_help_lists_the_config_fields_with_defaults(capsys) -> None:
 def test_train_bad_config_exits_2_naming_the_field_before_ray(tmp_path, capsys) -> None:
     import time
 
+    (tmp_path / "cache").mkdir()
     started = time.perf_counter()
-    code = main(["train-c", "--set", f"data.path={tmp_path}", "--set", f"output_dir={tmp_path / 'out'}",
+    code = main(["train-c", "--set", f"data.path={tmp_path / 'cache'}", "--set", f"output_dir={tmp_path / 'out'}",
                  "--set", "flavor=stage_c/2b"])  # fmt: skip
     assert code == 2
     assert "flavor: unknown flavor 'stage_c/2b'" in capsys.readouterr().err
-    code = main(["train-c", "--set", f"data.path={tmp_path}", "--set", f"output_dir={tmp_path / 'out'}"])
+    code = main(["train-c", "--set", f"data.path={tmp_path / 'cache'}", "--set", f"output_dir={tmp_path / 'out'}",
+                 "--set", "flavor=stage_c/tiny"])  # fmt: skip
     assert code == 2
     assert "data.path: no *.parquet latent files" in capsys.readouterr().err
     assert time.perf_counter() - started < 5, (
@@ -62,5 +64,5 @@ def test_train_bad_config_exits_2_naming_the_field_before_ray(tmp_path, capsys) 
     from jobs.pipeline_jobs import JOBS
 
     job = JOBS["train-lora"]
-    config = load_config(job.config_cls, None, ["data.path=x", "output_dir=y", "mode=stage_c", *job.fixed])
+    config = load_config(job.config_cls, None, ["data.path=x", "output_dir=y", "mode=stage_c", "flavor=stage_c/tiny", *job.fixed])
     assert config.mode == "lora" and config.run_name == "lora"

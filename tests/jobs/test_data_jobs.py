@@ -22,7 +22,13 @@ def test_ingest_score_filter_from_yaml(ray_local, tmp_path, capsys) -> None:
     score_args = ["score", "--set", "shards.kind=webdataset", "--set", f"shards.path={tmp_path / 'shards'}",
                   "--set", f"output_dir={tmp_path / 'scores'}", "--set", "scorer.flavor=clip_score/tiny"]  # fmt: skip
     assert main(score_args) == 0
-    assert json.loads(capsys.readouterr().out)["n_scored"] == len(PHOTOS)
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n_scored"] == len(PHOTOS)
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("cascade: RANDOM WEIGHTS: scorer.flavor=clip_score/tiny"), lines
+    # quiet by default: the job's own lines (its progress) and nothing from Ray or the libraries
+    assert all(line.startswith(("cascade: ", "score: ")) for line in lines), lines
+    assert lines[-1].startswith(f"score: 1/1 shards, {len(PHOTOS)} samples")
     (tmp_path / "filter.yaml").write_text(
         f"scores_dir: {tmp_path / 'scores'}\noutput_dir: {tmp_path / 'kept'}\n"
         "rules:\n  - {field: width, op: '>=', value: 500}\n"

@@ -45,6 +45,8 @@ def test_demo_runs_every_job_and_prints_where_outputs_are(ray_local, tmp_path, c
     assert (
         manifest["summary"]["n_encoded"] == 9 and manifest["preprocessing"]["clip_image_source"] == "scores"
     )
+    assert manifest["random_weights"] is True  # every output says so: manifests too
+    assert json.loads((out / "scores" / "manifest.json").read_text())["random_weights"] is True
     assert sum(pq.read_table(p).num_rows for p in (out / "export").glob("*/*.parquet")) == 9
     report = json.loads((Path(where["report"]).parent / "report.json").read_text())
     assert report["random_weights"] and len(report["samples"]) == 9 and not report["rejects"]

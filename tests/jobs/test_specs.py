@@ -49,15 +49,18 @@ def test_a_spec_builds_its_modules_and_names_its_checkpoint_files(mode, tmp_path
 def test_the_config_refuses_what_the_spec_does_not_allow(tmp_path) -> None:
     data = TrainDataConfig(path=str(tmp_path))
     with pytest.raises(ValueError, match="mode='stage_d'; allowed: stage_c, lora, controlnet, stage_b"):
-        TrainConfig(data=data, output_dir="x", mode="stage_d")
+        TrainConfig(data=data, output_dir="x", mode="stage_d", flavor="stage_c/tiny")
     with pytest.raises(ValueError, match="flavor='stage_c/tiny' is not a stage_b flavor"):
-        TrainConfig(data=data, output_dir="x", mode="stage_b")
+        TrainConfig(data=data, output_dir="x", mode="stage_b", flavor="stage_c/tiny")
+    with pytest.raises(TypeError, match="flavor"):
+        TrainConfig(data=data, output_dir="x", mode="stage_b")  # no model field defaults to a flavor
     from jobs.train_config import EmaConfig, ScalingSpec
 
     with pytest.raises(ValueError, match=r"scaling\.strategy='fsdp' trains the full models"):
         TrainConfig(
-            data=data, output_dir="x", mode="lora", scaling=ScalingSpec(num_workers=2, strategy="fsdp")
-        )
+            data=data, output_dir="x", mode="lora", flavor="stage_c/tiny",
+            scaling=ScalingSpec(num_workers=2, strategy="fsdp"),
+        )  # fmt: skip
     with pytest.raises(ValueError, match="ema: the official EMA is of a full generator"):
-        TrainConfig(data=data, output_dir="x", mode="lora", ema=EmaConfig())
+        TrainConfig(data=data, output_dir="x", mode="lora", flavor="stage_c/tiny", ema=EmaConfig())
     TrainConfig(data=data, output_dir="x", mode="stage_b", flavor="stage_b/tiny", ema=EmaConfig())

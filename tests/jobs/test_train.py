@@ -40,7 +40,7 @@ def cache(ray_local, tmp_path_factory) -> tuple[Path, Path]:
 
 def _config(cache: tuple[Path, Path], out: Path, **overrides) -> TrainConfig:
     fields = {"data": TrainDataConfig(path=str(cache[1]), read_cpus=0.25), "output_dir": str(out),
-              "batch_size": 2, "max_steps": 6, "save_every": 2, "log_every": 1, "bf16_autocast": False,
+              "flavor": "stage_c/tiny", "allow_random_weights": True, "batch_size": 2, "max_steps": 6, "save_every": 2, "log_every": 1, "bf16_autocast": False,
               "scaling": HALF_CPU}  # fmt: skip
     return TrainConfig(**(fields | overrides))
 

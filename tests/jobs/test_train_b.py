@@ -36,7 +36,7 @@ def cache(ray_local, tmp_path_factory) -> tuple[Path, Path]:
 
 def _config(cache: tuple[Path, Path], out: Path, **overrides) -> TrainConfig:
     fields = {"data": TrainDataConfig(path=str(cache[1]), read_cpus=0.25), "output_dir": str(out),
-              "mode": "stage_b", "flavor": "stage_b/tiny", "batch_size": 4, "grad_accum_steps": 2,
+              "mode": "stage_b", "flavor": "stage_b/tiny", "allow_random_weights": True, "batch_size": 4, "grad_accum_steps": 2,
               "max_steps": 12, "save_every": 4, "log_every": 1, "bf16_autocast": False,
               "adaptive_loss_weight": True, "scaling": HALF_CPU}  # fmt: skip
     return TrainConfig(**(fields | overrides))

@@ -14,6 +14,7 @@ from pipelines.encode.models import EncoderConfig
 from pipelines.encode.pipeline import EncodeConfig, run_encode
 from pipelines.ingest.existing import IngestConfig, run_ingest
 from tests.pipelines.photos import captions, photo_tar
+from tests.tiny import encoders
 
 CAPTIONED = ("chelsea", "astronaut", "rocket", "coffee", "camera", "page", "horse")
 
@@ -43,6 +44,7 @@ def build_cache(
             ),
             stage_a=EncoderConfig(flavor="stage_a/tiny") if stage_a_size_px else None,
             formats=("parquet", "webdataset"),
+            **encoders(),
         )
     )
     return shards, cache

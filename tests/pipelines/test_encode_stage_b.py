@@ -28,6 +28,7 @@ from schemas.records import latents_schema
 from schemas.tensors import tensor_to_numpy
 from stages.flavors import build_model
 from tests.pipelines.photos import jpeg, photo_tar
+from tests.tiny import encoders
 
 NAMES = ("chelsea", "coffee", "camera")
 
@@ -40,7 +41,7 @@ def shards(tmp_path_factory):
 
 
 def _config(shards, out, stage_a_px: int = 128, **overrides) -> EncodeConfig:
-    fields = {
+    fields = encoders() | {
         "preprocess": PreprocessConfig(image_size_px=128, stage_a_size_px=stage_a_px),
         "stage_a": EncoderConfig(flavor="stage_a/tiny"),
     }
@@ -86,7 +87,7 @@ def _expected(config: EncodeConfig, name: str, cells: int) -> np.ndarray:
 
 def _parquet_rows(out) -> dict[str, dict[str, np.ndarray]]:
     rows = {}
-    for path in sorted(out.rglob("parquet/*.parquet")):  # committed, or staged (the in-process run)
+    for path in sorted(out.rglob("parquet/*/*.parquet")):  # committed, or staged (the in-process run)
         table = pq.read_table(path)
         for name in table.column_names:
             if name.startswith(c.STAGE_B_EFFNET_PREFIX):
@@ -148,9 +149,9 @@ def test_metadata_records_mode_cells_and_bytes(exact, subset) -> None:
         "stage_b_effnet_2": [16, 2, 2],
         "stage_b_effnet_3": [16, 3, 3],
     }
-    tar = next((out / "webdataset").glob("*.tar"))
+    tar = next((out / "webdataset").glob("*/*.tar"))  # webdataset/{bucket}/...
     with tarfile.open(tar) as f:
-        header = json.loads(f.extractfile("__metadata__.json").read())
+        header = json.loads(f.extractfile(f.getmembers()[0]).read())  # each sample's json holds the metadata
     assert header[STAGE_B_CONDITIONING_KEY] == recorded
     for config, wanted in ((exact, recorded), (subset, None)):
         meta = FileMetadata.from_arrow(
@@ -199,7 +200,7 @@ def test_config_errors_name_the_field(tmp_path, overrides, match) -> None:
 
 def test_none_and_no_stage_a_keep_the_preprocessing_hash(tmp_path) -> None:
     without = EncodeConfig(
-        shards=SourceConfig(kind="webdataset", path=str(tmp_path)), output_dir=str(tmp_path)
+        shards=SourceConfig(kind="webdataset", path=str(tmp_path)), output_dir=str(tmp_path), **encoders()
     )
     assert without.stage_b_mode == "none" and without.stored_stage_b_cells == ()
     none = _config(tmp_path, tmp_path, stage_b_conditioning="none")

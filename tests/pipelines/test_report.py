@@ -23,19 +23,20 @@ from pipelines.core.step import Resources
 from pipelines.encode.models import EncoderConfig
 from pipelines.encode.steps import PIXELS
 from pipelines.report.pipeline import ReportConfig, run_report
-from pipelines.report.steps import RECON_PNG, CacheCrops, Reconstruct, ReconstructConfig
+from pipelines.report.steps import RECON_PNG, CacheCrops, Reconstruct
 from pipelines.train_data.crops import CropSpec
 from schemas.columns import CLIP_TEXT_POOLED, EFFNET, KEY, REJECT_REASON, SOURCE_SHARD
 from stages.flavors import build_model
 from stages.image_metrics import ImageMetrics, LpipsConfig, build_lpips
 from stages.sampling import CascadeModels, SamplerSettings, reconstruct
 from stages.weights import WeightsError
+from tests import tiny
 from tests.browser import open_page
 from tests.jobs.train_cache import build_cache
 from tests.pipelines.photos import captions, jpeg
 from tests.s3 import moto_endpoint
 
-RANDOM_LPIPS = ReconstructConfig(lpips=LpipsConfig(random_backbone=True), timesteps=4)
+RANDOM_LPIPS = tiny.reconstruct(lpips=LpipsConfig(random_backbone=True), timesteps=4)
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -107,7 +108,7 @@ def test_reconstruct_step_equals_the_official_reconstruction() -> None:
     _, pooled = models.text([captions()["chelsea"]])
     batch = {KEY: np.array(["chelsea"], dtype=object), PIXELS: np.stack([small[0].numpy()]),
              EFFNET: effnet.detach().numpy(), CLIP_TEXT_POOLED: pooled.detach().numpy()}  # fmt: skip
-    config = ReconstructConfig(timesteps=4, seed=7)
+    config = tiny.reconstruct(timesteps=4, seed=7)
     out = Plan(tuple(batch), [PlannedStep(Reconstruct, config)]).run_local(batch)
     expect = torch.nn.functional.interpolate(official, size=(96, 96), mode="bilinear", antialias=True)
     expect = (expect.clamp(0, 1) * 255).round().byte()[0].permute(1, 2, 0).numpy()
@@ -203,7 +204,8 @@ def test_report_from_raw_images_lists_bad_rows(ray_local, tmp_path) -> None:
     out = tmp_path / "report"
     summary = run_report(ReportConfig(
         output_dir=str(out), images=SourceConfig(kind="webdataset", path=str(src)), num_samples=4,
-        preprocess=PreprocessConfig(mode="buckets", image_size_px=256), reconstruct=ReconstructConfig(timesteps=4),
+        effnet=EncoderConfig(flavor="effnet/tiny"), clip_text=EncoderConfig(flavor="clip_text/tiny"),
+        preprocess=PreprocessConfig(mode="buckets", image_size_px=256), reconstruct=tiny.reconstruct(timesteps=4),
     ))  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert summary.n_samples == 3 and summary.n_rejected == 1
@@ -230,7 +232,7 @@ def test_report_writes_to_s3_and_reads_a_moved_cache(cache, tmp_path) -> None:
         summary = run_report(ReportConfig(
             output_dir="s3://report-test-bucket/report", latents="s3://report-test-bucket/latents",
             images=SourceConfig(kind="webdataset", path=str(moved)), num_samples=2,
-            endpoint_url=endpoint, output_endpoint_url=endpoint, reconstruct=ReconstructConfig(timesteps=2),
+            endpoint_url=endpoint, output_endpoint_url=endpoint, reconstruct=tiny.reconstruct(timesteps=2),
         ))  # fmt: skip
         assert summary.html == "s3://report-test-bucket/report/report.html"
         report = json.loads(fs.cat_file("report-test-bucket/report/report.json"))
@@ -244,13 +246,19 @@ def test_bad_report_config_names_the_field(tmp_path) -> None:
     from jobs.config import ConfigError, load_config
 
     with pytest.raises(ValueError, match="set latents"):
-        ReportConfig(output_dir=str(tmp_path))
+        ReportConfig(output_dir=str(tmp_path), reconstruct=tiny.reconstruct())
+    tiny_models = ["reconstruct.stage_a.flavor=stage_a/tiny", "reconstruct.stage_b.flavor=stage_b/tiny"]
+    with pytest.raises(ConfigError, match=r"missing required config field\(s\): reconstruct$"):
+        load_config(ReportConfig, None, [f"output_dir={tmp_path}", "latents=x"])  # no default models
+    with pytest.raises(ConfigError, match=r"effnet and clip_text are required for raw images"):
+        load_config(ReportConfig, None, [f"output_dir={tmp_path}", "images.kind=folder", "images.path=x",
+                                         *tiny_models])  # fmt: skip
     with pytest.raises(ConfigError, match=r"reconstruct: stage_b\.flavor"):
-        load_config(ReportConfig, None, [f"output_dir={tmp_path}", "latents=x",
+        load_config(ReportConfig, None, [f"output_dir={tmp_path}", "latents=x", tiny_models[0],
                                          "reconstruct.stage_b.flavor=stage_a/tiny"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"reconstruct\.lpips: net="):
         load_config(
-            ReportConfig, None, [f"output_dir={tmp_path}", "latents=x", "reconstruct.lpips.net=resnet"]
+            ReportConfig, None, [f"output_dir={tmp_path}", "latents=x", "reconstruct.lpips.net=resnet", *tiny_models]
         )
     with pytest.raises(ValueError, match="weights is required"):
         EncoderConfig(flavor="stage_b/700m")

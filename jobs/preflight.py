@@ -1,0 +1,84 @@
+"""The path checks every job makes before Ray starts, each naming its dotted config field.
+
+Inputs must match something, weights files must exist, an output must be a writable directory (it is made
+here, and a probe file written and removed) and must not lie inside an input. Fields are found by name over the whole config tree:
+``output_dir`` is an output; ``path``, ``input_path``, ``latents``, ``scores_dir`` and ``kept_keys`` are inputs;
+a field ending in ``weights`` is a weights file or folder. Local paths are checked here; a URL
+(``s3://...``) is checked by the job itself when it first lists it, since that needs its endpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jobs.config import ConfigError, walk
+
+INPUT_FIELDS = ("path", "input_path", "latents", "scores_dir", "kept_keys")
+OUTPUT_FIELDS = ("output_dir",)
+
+
+def _local(value: Any) -> str | None:
+    """The local path of a field value, or None for an unset field or a URL."""
+    if not isinstance(value, str) or not value:
+        return None
+    if value.startswith("file://"):
+        return value[len("file://") :]
+    return None if "://" in value else value
+
+
+def _matches(path: str) -> bool:
+    return bool(glob.glob(path)) if glob.has_magic(path) else os.path.exists(path)
+
+
+def _root(path: str) -> Path:
+    """The folder an input pattern reads from (a glob's fixed prefix), absolute."""
+    parts = Path(path).parts
+    fixed = [p for p in parts[: next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))]]
+    return Path(*fixed).resolve() if fixed else Path.cwd()
+
+
+def _check_output(name: str, path: str) -> None:
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{name}={path!r} is a file; an output must be a directory")
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{name}={path!r}: {existing} is a file, so the directory cannot be made")
+    try:  # the job makes it anyway; a probe file is the only test that holds for root and read-only mounts
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{name}={path!r} is not writable ({err.strerror or err})") from None
+
+
+def preflight(config: Any) -> None:
+    """Raise ``ConfigError`` for the first input that matches nothing, missing weights or unusable output."""
+    inputs: list[tuple[str, Path]] = []
+    outputs: list[tuple[str, str]] = []
+    for name, value, _, _ in walk(config):
+        leaf, path = name.rsplit(".", 1)[-1], _local(value)
+        if path is None:
+            continue
+        if leaf in INPUT_FIELDS:
+            if not _matches(path):
+                raise ConfigError(f"{name}={value!r} matches no file or folder")
+            inputs.append((name, _root(path)))
+        elif leaf.endswith("weights"):
+            if not os.path.exists(path):
+                raise ConfigError(f"{name}={value!r} does not exist")
+        elif leaf in OUTPUT_FIELDS:
+            outputs.append((name, path))
+    for out_name, path in outputs:
+        out = Path(path).resolve()
+        for in_name, root in inputs:
+            if root.is_dir() and out.is_relative_to(root):
+                raise ConfigError(
+                    f"{out_name}={path!r} is inside the input {in_name}={str(root)!r}: the job would read "
+                    "its own output; choose an output outside it"
+                )
+        _check_output(out_name, path)
