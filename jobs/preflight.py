@@ -1,10 +1,13 @@
 """The path checks every job makes before Ray starts, each naming its dotted config field.
 
 Inputs must match something, weights files must exist, an output must be a writable directory (it is made
-here, and a probe file written and removed) and must not lie inside an input. Fields are found by name over the whole config tree:
-``output_dir`` is an output; ``path``, ``input_path``, ``latents``, ``scores_dir`` and ``kept_keys`` are inputs;
-a field ending in ``weights`` is a weights file or folder. Local paths are checked here; a URL
-(``s3://...``) is checked by the job itself when it first lists it, since that needs its endpoint.
+here, and a probe file written and removed) and must not lie inside an input. Fields are found by name over
+the whole config tree: ``output_dir`` is an output; ``path``, ``input_path``, ``latents``, ``scores_dir`` and
+``kept_keys`` are inputs; a field ending in ``weights`` is a weights file or folder.
+
+A URL (``s3://...``) is checked with the endpoint its section names (``endpoint_url``, ``inputs_endpoint_url``
+for inputs; ``output_endpoint_url``, ``storage_endpoint_url`` for outputs): an input must match an object or
+prefix, an output must not be an object. One call each; writability on an object store shows at the first write.
 """
 
 from __future__ import annotations
@@ -19,6 +22,29 @@ from jobs.config import ConfigError, walk
 
 INPUT_FIELDS = ("path", "input_path", "latents", "scores_dir", "kept_keys")
 OUTPUT_FIELDS = ("output_dir",)
+INPUT_ENDPOINTS = ("inputs_endpoint_url", "endpoint_url")
+OUTPUT_ENDPOINTS = ("output_endpoint_url", "storage_endpoint_url", "endpoint_url")
+
+
+def _options(parent: Any, endpoints: tuple[str, ...]) -> dict[str, Any]:
+    """fsspec options from the first endpoint field the section has."""
+    for name in endpoints:
+        if hasattr(parent, name):
+            value = getattr(parent, name)
+            return {"endpoint_url": value} if value else {}
+    return {}
+
+
+def _check_remote(name: str, value: str, parent: Any, is_input: bool) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(
+        value, **_options(parent, INPUT_ENDPOINTS if is_input else OUTPUT_ENDPOINTS)
+    )
+    if is_input and not (fs.glob(path) if glob.has_magic(path) else fs.exists(path)):
+        raise ConfigError(f"{name}={value!r} matches no object or prefix")
+    if not is_input and fs.isfile(path):
+        raise ConfigError(f"{name}={value!r} is an object; an output must be a prefix (a folder)")
 
 
 def _local(value: Any) -> str | None:
@@ -60,9 +86,11 @@ def preflight(config: Any) -> None:
     """Raise ``ConfigError`` for the first input that matches nothing, missing weights or unusable output."""
     inputs: list[tuple[str, Path]] = []
     outputs: list[tuple[str, str]] = []
-    for name, value, _, _ in walk(config):
+    for name, value, parent, _ in walk(config):
         leaf, path = name.rsplit(".", 1)[-1], _local(value)
         if path is None:
+            if isinstance(value, str) and "://" in value and leaf in (*INPUT_FIELDS, *OUTPUT_FIELDS):
+                _check_remote(name, value, parent, is_input=leaf in INPUT_FIELDS)
             continue
         if leaf in INPUT_FIELDS:
             if not _matches(path):

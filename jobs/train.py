@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from jobs.specs.spec import check_cache_columns
 from jobs.train_checkpoint import complete_state
 from jobs.train_config import TrainConfig
 from pipelines.core.notice import notice
-from pipelines.core.progress import Progress
+from pipelines.core.progress import Progress, polling
 from pipelines.train_data.batches import (
     Cache,
     ReadSpec,
@@ -213,9 +212,9 @@ def _worker(loop_config: dict[str, Any]) -> None:
 def watch_metrics(config: TrainConfig, start_step: int, every_s: float = 5.0) -> Iterator[Progress]:
     """Show training progress (step, loss, samples/s, ETA) from rank 0's ``metrics.csv``, read every
     ``every_s`` seconds on the driver while the workers train (one small read per poll, whatever the scale)."""
-    progress = Progress(config.mode.replace("_", "-"), config.max_steps, unit="steps", rate_of="")
-    progress.update(start_step)
-    stop = threading.Event()
+    progress = Progress(
+        config.mode.replace("_", "-"), config.max_steps, unit="steps", rate_of="", initial=start_step
+    )
     seen = [start_step]
 
     def read() -> None:
@@ -230,19 +229,8 @@ def watch_metrics(config: TrainConfig, start_step: int, every_s: float = 5.0) ->
             progress.update(int(last["step"]) - seen[0], show=shown)
             seen[0] = int(last["step"])
 
-    def poll() -> None:
-        while not stop.wait(every_s):
-            read()
-
-    thread = threading.Thread(target=poll, name="train-progress", daemon=True)
-    thread.start()
-    try:
+    with progress, polling(read, every_s):
         yield progress
-    finally:
-        stop.set()
-        thread.join()
-        read()
-        progress.close()
 
 
 def run_train(config: TrainConfig, plan: TrainPlan | None = None) -> TrainSummary:

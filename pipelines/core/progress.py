@@ -8,9 +8,12 @@ it costs no storage call. ``CASCADE_PROGRESS=plain`` forces plain lines, ``off``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 
@@ -27,18 +30,19 @@ class Progress:
         total: units in the whole run (None: unknown, no ETA).
         unit: what a unit is (``shards``, ``steps``).
         rate_of: the counter whose rate per second is shown (``samples``).
+        initial: units already done before this run (a resumed job).
     """
 
     def __init__(
         self, job: str, total: int | None, *, unit: str = "shards", rate_of: str = "samples",
-        stream: TextIO | None = None, every_s: float | None = None, mode: str | None = None,
+        stream: TextIO | None = None, every_s: float | None = None, mode: str | None = None, initial: int = 0,
     ) -> None:  # fmt: skip
         self.job, self.total, self.unit, self.rate_of = job, total, unit, rate_of
         self.stream = stream or sys.stderr
         self.every_s = float(os.environ.get("CASCADE_PROGRESS_EVERY_S", 30)) if every_s is None else every_s
         mode = mode or os.environ.get("CASCADE_PROGRESS") or ("bar" if self.stream.isatty() else "plain")
         self.mode = mode if mode in ("bar", "plain", "off") else "plain"
-        self.done = 0
+        self.done = self.initial = initial  # units done before this run (a resumed job): not in the ETA
         self.counters: dict[str, float] = {}
         self.shown: dict[str, Any] = {}
         self.start = self.last = time.monotonic()
@@ -46,7 +50,8 @@ class Progress:
         if self.mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=job, unit=f" {unit}", file=self.stream, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=job, unit=f" {unit}", file=self.stream, dynamic_ncols=True,
+                            initial=initial)  # fmt: skip
 
     def update(self, done: int = 0, *, show: dict[str, Any] | None = None, **counts: float) -> None:
         """Add ``done`` units and ``counts`` (running totals grow); ``show`` sets values shown as they are."""
@@ -81,8 +86,8 @@ class Progress:
         counts = self._counts()
         text += f", {counts}" if counts else ""
         text += f", {_duration(elapsed)} elapsed"
-        if self.total and 0 < self.done < self.total:
-            text += f", ETA {_duration(elapsed / self.done * (self.total - self.done))}"
+        if self.total and self.initial < self.done < self.total:
+            text += f", ETA {_duration(elapsed / (self.done - self.initial) * (self.total - self.done))}"
         return text
 
     def _line(self) -> None:
@@ -100,3 +105,23 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def polling(read: Callable[[], None], every_s: float) -> Iterator[None]:
+    """Call ``read`` every ``every_s`` seconds on a thread while the block runs (a job whose progress lives in
+    files another process writes: training's ``metrics.csv``, img2dataset's ``*_stats.json``), and once after."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            read()
+
+    thread = threading.Thread(target=loop, name="progress-poll", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        read()

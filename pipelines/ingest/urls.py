@@ -27,8 +27,10 @@ shard's status: a shard that crashes is neither retried nor reported. Here a sha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -37,6 +39,7 @@ import tempfile
 import threading
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +52,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipelines.core.commits import COMMIT_CPUS, REJECTS, STAGING, CommitStore, totals
+from pipelines.core.progress import Progress, polling
 from pipelines.ingest.ssrf import UrlPolicy, check_urls
 
 STEP = "ingest"
@@ -248,7 +252,8 @@ def ingest_urls(config: UrlIngestConfig) -> IngestResult:
     shard_ids = [f"{s:0{OOM_SHARD_COUNT}d}" for s in range(math.ceil(allowed.num_rows / n))]
     todo = [s for s in shard_ids if s not in committed]
     if todo:
-        _run_img2dataset(config, allowed)  # incremental: img2dataset skips the shards it completed before
+        with _watch_shards(store, todo):
+            _run_img2dataset(config, allowed)  # incremental: img2dataset skips the shards it completed before
     rows = {s: allowed.slice(int(s) * n, n).select([ROW_INDEX, "url"]).to_pylist() for s in todo}
     new = _commit_shards(store, rows)
     failed = tuple(s for s in todo if new.get(s) is None)
@@ -407,6 +412,31 @@ def _require_ray() -> None:
             "distributor='ray' needs an initialised Ray in this process: call ray.init(...) first "
             "(otherwise img2dataset's tasks would start a fresh local Ray instance)"
         )
+
+
+@contextlib.contextmanager
+def _watch_shards(store: CommitStore, todo: list[str], every_s: float = 30.0) -> Iterator[None]:
+    """Progress of img2dataset's download: each shard it finishes writes ``<shard>_stats.json`` (its success
+    and failure counts); the driver lists them every ``every_s`` seconds (one listing, paged on an object store)
+    and reads each new one once, so the reads add up to one per shard over the whole job."""
+    pending = set(todo)
+    progress = Progress("ingest", len(todo))
+
+    def read() -> None:
+        try:
+            store.fs.invalidate_cache(store.path)
+            done = [p for p in store.fs.glob(f"{store.path}/*_stats.json")
+                    if p.rsplit("/", 1)[-1].removesuffix("_stats.json") in pending]  # fmt: skip
+            for path in done:
+                stats = json.loads(store.fs.cat_file(path))
+                pending.discard(path.rsplit("/", 1)[-1].removesuffix("_stats.json"))
+                progress.update(1, samples=int(stats.get("successes", 0)),
+                                rejects=int(stats.get("count", 0)) - int(stats.get("successes", 0)))  # fmt: skip
+        except (OSError, ValueError):
+            return  # written while listed: the next poll reads it
+
+    with progress, polling(read, every_s):
+        yield
 
 
 def _run_img2dataset(config: UrlIngestConfig, allowed: pa.Table) -> None:

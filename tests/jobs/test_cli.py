@@ -64,5 +64,9 @@ def test_train_bad_config_exits_2_naming_the_field_before_ray(tmp_path, capsys) 
     from jobs.pipeline_jobs import JOBS
 
     job = JOBS["train-lora"]
-    config = load_config(job.config_cls, None, ["data.path=x", "output_dir=y", "mode=stage_c", "flavor=stage_c/tiny", *job.fixed])
+    config = load_config(
+        job.config_cls,
+        None,
+        ["data.path=x", "output_dir=y", "mode=stage_c", "flavor=stage_c/tiny", *job.fixed],
+    )
     assert config.mode == "lora" and config.run_name == "lora"

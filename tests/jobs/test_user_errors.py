@@ -154,3 +154,30 @@ def test_quiet_mode_moves_ray_native_lines_off_the_terminal(tmp_path, capfd) -> 
     err = capfd.readouterr().err
     assert err == "encode: 1/4 shards\rencode: 2/4 shards\rcascade: our own line\n"
     assert log.read_text().startswith("[2026-12-03 12:00:53,095 E 13640 13640] core_worker.cc:2465")
+
+
+def test_s3_paths_are_checked_with_their_sections_endpoints(tmp_path) -> None:
+    import fsspec
+
+    from pipelines.export.pipeline import ExportConfig
+    from tests.s3 import moto_endpoint
+
+    with moto_endpoint() as endpoint:
+        fs = fsspec.filesystem("s3", endpoint_url=endpoint)
+        fs.mkdir("preflight-bucket")
+        fs.pipe("preflight-bucket/cache/manifest.json", b"{}")
+        fs.pipe("preflight-bucket/an-object", b"x")
+
+        def export(latents: str, output: str) -> ExportConfig:
+            return ExportConfig(latents=latents, output_dir=output, endpoint_url=endpoint,
+                                output_endpoint_url=endpoint)  # fmt: skip
+
+        preflight(
+            export("s3://preflight-bucket/cache", "s3://preflight-bucket/export")
+        )  # a prefix, and a new one
+        with pytest.raises(
+            ConfigError, match=r"latents='s3://preflight-bucket/missing' matches no object or prefix"
+        ):
+            preflight(export("s3://preflight-bucket/missing", "s3://preflight-bucket/export"))
+        with pytest.raises(ConfigError, match=r"output_dir='s3://preflight-bucket/an-object' is an object"):
+            preflight(export("s3://preflight-bucket/cache", "s3://preflight-bucket/an-object"))

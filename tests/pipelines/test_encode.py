@@ -48,7 +48,9 @@ def shards(ray_local, tmp_path_factory):
 
 def _config(shards, out, **overrides) -> EncodeConfig:
     return EncodeConfig(
-        shards=SourceConfig(kind="webdataset", path=str(shards)), output_dir=str(out), **(encoders() | overrides)
+        shards=SourceConfig(kind="webdataset", path=str(shards)),
+        output_dir=str(out),
+        **(encoders() | overrides),
     )
 
 

@@ -74,9 +74,16 @@ def _read_tars(output_dir: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
-def test_ingest_on_ray_keeps_originals_and_rejects_every_failure(ray_local, server, url_list, tmp_path):
+def test_ingest_on_ray_keeps_originals_and_rejects_every_failure(
+    ray_local, server, url_list, tmp_path, capsys
+):
     out = tmp_path / "shards"
     result = ingest_urls(_config(url_list, out, distributor="ray"))
+    # the driver's progress, from img2dataset's per-shard stats: every shard, its successes and failures
+    shards = -(-N_ROWS // 16)
+    line = next(x for x in reversed(capsys.readouterr().err.splitlines()) if x.startswith("ingest: "))
+    assert line.startswith(f"ingest: {shards}/{shards} shards, {result.n_success} samples (")
+    assert f", {N_ROWS - result.n_success} rejects, " in line
 
     assert result.n_input == N_ROWS
     assert result.n_success + result.n_rejected == N_ROWS

@@ -46,3 +46,31 @@ def test_a_terminal_gets_a_bar_and_off_prints_nothing() -> None:
     with Progress("score", 2, stream=quiet, mode="off") as progress:
         progress.update(2, samples=9)
     assert quiet.getvalue() == ""
+
+
+def test_polling_reads_while_the_block_runs_and_once_after() -> None:
+    import threading
+    import time
+
+    from pipelines.core.progress import polling
+
+    calls: list[str] = []
+    during = threading.Event()
+
+    def read() -> None:
+        calls.append(threading.current_thread().name)
+        during.set()
+
+    with polling(read, every_s=0.01):
+        assert during.wait(5)  # the poller ran while the block was still running
+        time.sleep(0.05)
+    assert calls[-1] == threading.current_thread().name and "progress-poll" in calls
+
+
+def test_a_resumed_job_counts_from_where_it_was_and_leaves_it_out_of_the_eta() -> None:
+    out = io.StringIO()
+    with Progress("train-b", 100, unit="steps", rate_of="", stream=out, every_s=3600, initial=90) as progress:
+        assert progress.done == 90
+        progress.update(5)
+    (line,) = out.getvalue().splitlines()
+    assert line.startswith("train-b: 95/100 steps, ") and "ETA" in line

@@ -258,7 +258,9 @@ def test_bad_report_config_names_the_field(tmp_path) -> None:
                                          "reconstruct.stage_b.flavor=stage_a/tiny"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"reconstruct\.lpips: net="):
         load_config(
-            ReportConfig, None, [f"output_dir={tmp_path}", "latents=x", "reconstruct.lpips.net=resnet", *tiny_models]
+            ReportConfig,
+            None,
+            [f"output_dir={tmp_path}", "latents=x", "reconstruct.lpips.net=resnet", *tiny_models],
         )
     with pytest.raises(ValueError, match="weights is required"):
         EncoderConfig(flavor="stage_b/700m")
