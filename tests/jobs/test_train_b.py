@@ -114,6 +114,7 @@ def test_two_workers_match_one_worker_with_doubled_accumulation(cache, one_worke
     assert (s1["mode"], s1["world_size"], s2["world_size"]) == ("stage_b", 1, 2)
 
 
+@pytest.mark.slow  # 125 s, like Stage C's; by default a killed Stage C worker resumes from its checkpoint
 def test_kill_and_resume_repeats_the_uninterrupted_trajectory(cache, one_worker_run, tmp_path) -> None:
     """SIGKILL `cascade train-b` after its first checkpoint, rerun it: the same losses and weights."""
     one_config, one = one_worker_run

@@ -153,6 +153,7 @@ def test_resubmit_skips_committed_shards_and_stale_cache_is_refused(shards, enco
         run_encode(other)
 
 
+@pytest.mark.slow  # 37 s; tests/pipelines/test_encode_stage_b.py encodes Stage A latents by default
 def test_stage_a_latents_at_1024(shards, tmp_path) -> None:
     from pipelines.core.preprocess import crop_for_stage_a
 
@@ -202,6 +203,7 @@ def test_config_errors_name_the_field(tmp_path) -> None:
     assert dataclasses.is_dataclass(EncodeConfig)
 
 
+@pytest.mark.slow  # 120 s; the default run keeps export's driver kill and encode's node kill
 @pytest.mark.timeout(400)
 def test_sigkill_driver_then_resubmit_gives_the_uninterrupted_output(ray_local, tmp_path) -> None:
     import os

@@ -22,6 +22,7 @@ def _scores(directory) -> list[dict]:
     return sorted(table.to_pylist(), key=lambda r: r["key"])
 
 
+@pytest.mark.slow  # 50 s; tests/faults/test_node_faults.py runs a two-node cluster by default
 @pytest.mark.timeout(300)
 def test_two_nodes_match_one_node(ray_local, tmp_path) -> None:
     src = tmp_path / "src"
