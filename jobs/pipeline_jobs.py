@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs import console
-from jobs.preflight import preflight
+from jobs.preflight import absolute_paths, preflight
 from jobs.train import check_train, run_train
 from jobs.train_config import TrainConfig
 from pipelines.core.notice import notice
@@ -111,6 +111,7 @@ JOBS: dict[str, Job] = {
 def run_job(name: str, config: Any, address: str | None = None) -> dict[str, Any]:
     """Run a job whose config is already built and validated; returns its summary as a dict."""
     job = JOBS[name]
+    config = absolute_paths(config)
     preflight(config)
     warning = console.random_weights_line(config)
     if warning:

@@ -3,7 +3,7 @@
 Inputs must match something, weights files must exist, an output must be a writable directory (it is made
 here, and a probe file written and removed) and must not lie inside an input. Fields are found by name over
 the whole config tree: ``output_dir`` is an output; ``path``, ``input_path``, ``latents``, ``scores_dir`` and
-``kept_keys`` are inputs; a field ending in ``weights`` is a weights file or folder.
+``kept_keys``, ``empty_caption`` are inputs; a field ending in ``weights`` is a weights file or folder.
 
 A URL (``s3://...``) is checked with the endpoint its section names (``endpoint_url``, ``inputs_endpoint_url``
 for inputs; ``output_endpoint_url``, ``storage_endpoint_url`` for outputs): an input must match an object or
@@ -12,6 +12,7 @@ prefix, an output must not be an object. One call each; writability on an object
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import tempfile
@@ -20,7 +21,7 @@ from typing import Any
 
 from jobs.config import ConfigError, walk
 
-INPUT_FIELDS = ("path", "input_path", "latents", "scores_dir", "kept_keys")
+INPUT_FIELDS = ("path", "input_path", "latents", "scores_dir", "kept_keys", "empty_caption")
 OUTPUT_FIELDS = ("output_dir",)
 INPUT_ENDPOINTS = ("inputs_endpoint_url", "endpoint_url")
 OUTPUT_ENDPOINTS = ("output_endpoint_url", "storage_endpoint_url", "endpoint_url")
@@ -110,3 +111,25 @@ def preflight(config: Any) -> None:
                     "its own output; choose an output outside it"
                 )
         _check_output(out_name, path)
+
+
+def _is_path_field(name: str) -> bool:
+    return name in (*INPUT_FIELDS, *OUTPUT_FIELDS) or name.endswith("weights")
+
+
+def absolute_paths(config: Any) -> Any:
+    """The config with every local input, output and weights path made absolute against this process's working
+    directory: Ray workers run elsewhere (Ray Train's in its trial folder), so a relative path would land there."""
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[f.name] = absolute_paths(value)
+        elif (
+            _is_path_field(f.name)
+            and isinstance(value, str)
+            and _local(value) == value
+            and not os.path.isabs(value)
+        ):
+            changes[f.name] = os.path.abspath(value)
+    return dataclasses.replace(config, **changes) if changes else config

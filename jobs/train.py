@@ -213,7 +213,7 @@ def watch_metrics(config: TrainConfig, start_step: int, every_s: float = 5.0) ->
     """Show training progress (step, loss, samples/s, ETA) from rank 0's ``metrics.csv``, read every
     ``every_s`` seconds on the driver while the workers train (one small read per poll, whatever the scale)."""
     progress = Progress(
-        config.mode.replace("_", "-"), config.max_steps, unit="steps", rate_of="", initial=start_step
+        get_spec(config.mode).command, config.max_steps, unit="steps", rate_of="", initial=start_step
     )
     seen = [start_step]
 

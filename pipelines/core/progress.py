@@ -43,6 +43,7 @@ class Progress:
         mode = mode or os.environ.get("CASCADE_PROGRESS") or ("bar" if self.stream.isatty() else "plain")
         self.mode = mode if mode in ("bar", "plain", "off") else "plain"
         self.done = self.initial = initial  # units done before this run (a resumed job): not in the ETA
+        self.dirty = True  # changed since the last plain line
         self.counters: dict[str, float] = {}
         self.shown: dict[str, Any] = {}
         self.start = self.last = time.monotonic()
@@ -59,6 +60,7 @@ class Progress:
         for name, value in counts.items():
             self.counters[name] = self.counters.get(name, 0) + value
         self.shown.update(show or {})
+        self.dirty = True
         if self.bar is not None:
             self.bar.update(done)
             self.bar.set_postfix_str(self._counts(), refresh=False)
@@ -91,13 +93,13 @@ class Progress:
         return text
 
     def _line(self) -> None:
-        self.last = time.monotonic()
+        self.last, self.dirty = time.monotonic(), False
         print(self.line(), file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.mode != "off":
+        if self.mode != "off" and (self.dirty or self.bar is not None):
             self._line()
 
     def __enter__(self) -> Progress:

@@ -181,3 +181,20 @@ def test_s3_paths_are_checked_with_their_sections_endpoints(tmp_path) -> None:
             preflight(export("s3://preflight-bucket/missing", "s3://preflight-bucket/export"))
         with pytest.raises(ConfigError, match=r"output_dir='s3://preflight-bucket/an-object' is an object"):
             preflight(export("s3://preflight-bucket/cache", "s3://preflight-bucket/an-object"))
+
+
+def test_relative_paths_become_absolute_before_workers_see_them(tmp_path, monkeypatch) -> None:
+    from jobs.preflight import absolute_paths
+    from jobs.train_config import TrainConfig
+    from pipelines.train_data.batches import TrainDataConfig
+
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(data=TrainDataConfig(path="cache"), output_dir="runs", flavor="stage_c/tiny",
+                         storage_endpoint_url=None)  # fmt: skip
+    resolved = absolute_paths(config)
+    assert (resolved.data.path, resolved.output_dir) == (str(tmp_path / "cache"), str(tmp_path / "runs"))
+    assert resolved.weights is None and resolved.data.empty_caption is None  # unset stays unset
+    remote = TrainConfig(
+        data=TrainDataConfig(path="s3://b/cache"), output_dir="s3://b/runs", flavor="stage_c/tiny"
+    )
+    assert absolute_paths(remote) == remote
