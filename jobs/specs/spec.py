@@ -122,7 +122,9 @@ def check_cache_columns(spec: TrainSpec, config: TrainConfig, cache: Cache) -> d
     return wanted
 
 
-def frozen_flavor(field: str, name: str | None, weights: str | None, use: str) -> Any:
+def frozen_flavor(
+    field: str, name: str | None, weights: str | None, use: str, weights_field: str = ""
+) -> Any:
     """The flavor of a frozen helper model (``preview.previewer``, ``controlnet.effnet``), checked: named, known,
     and with its weights unless it is a ``*/tiny`` flavor (random weights, for tests and demos)."""
     from stages.flavors import get_flavor
@@ -137,6 +139,7 @@ def frozen_flavor(field: str, name: str | None, weights: str | None, use: str) -
         raise ValueError(f"{field}: {err}") from None
     if weights is None and not flavor.tiny:
         raise ValueError(
-            f"{field}_weights is required for {field}={name!r} (only */tiny flavors run on random weights)"
+            f"{weights_field or field + '_weights'} is required for {field}={name!r} (only */tiny flavors run on "
+            "random weights)"
         )
     return flavor

@@ -160,6 +160,11 @@ def check_controlnet(config: TrainConfig) -> None:
         frozen_flavor("controlnet.effnet", cn.effnet, cn.effnet_weights, "for super_resolution")
 
 
+def check_frozen_stage_c(config: TrainConfig) -> None:
+    """A LoRA or ControlNet trains on a frozen Stage C: a released one needs its weights."""
+    frozen_flavor("flavor", config.flavor, config.weights, "", weights_field="weights")
+
+
 def _flavor(field: str, name: str) -> Any:
     try:
         return get_flavor(name)
@@ -174,7 +179,7 @@ _COMMON = dict(
 STAGE_C = TrainSpec(name="stage_c", mode="stage_c", command="train-c", build=build_generator, checkpoint="generator",
                     fsdp_units=UNET_UNITS, ema=True, checks=(check_previewer,), **_COMMON)  # fmt: skip
 STAGE_C_LORA = TrainSpec(name="stage_c_lora", mode="lora", command="train-lora", build=build_lora,
-                         checkpoint="lora", checks=(check_previewer,), **_COMMON)  # fmt: skip
+                         checkpoint="lora", checks=(check_frozen_stage_c, check_previewer), **_COMMON)  # fmt: skip
 STAGE_C_CONTROLNET = TrainSpec(name="stage_c_controlnet", mode="controlnet", command="train-controlnet",
                                build=build_controlnet, checkpoint="controlnet", images=True,
-                               sections=("controlnet",), checks=(check_previewer, check_controlnet), **_COMMON)  # fmt: skip
+                               sections=("controlnet",), checks=(check_frozen_stage_c, check_previewer, check_controlnet), **_COMMON)  # fmt: skip
