@@ -93,20 +93,10 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 
-def random_cache_encoders(cache: Cache) -> list[str]:
-    """The cache's encoders that ran on random weights (``cascade.random_weights``; caches written before the
-    key: every ``*/tiny`` encoder flavor, the only ones that ran without weights)."""
-    meta = cache.metadata
-    flagged = getattr(meta, "random_weights", None)
-    tiny = [f"{role}={f}" for role, f in sorted(meta.encoder_flavors.items()) if f.endswith("/tiny")]
-    if flagged is None:
-        return tiny
-    return (tiny or ["cascade.random_weights"]) if flagged else []
-
-
 def check_cache_weights(config: TrainConfig, cache: Cache) -> None:
-    random = random_cache_encoders(cache)
-    if random and not config.allow_random_weights:
+    meta = cache.metadata
+    if meta.made_by_random_weights and not config.allow_random_weights:
+        random = [f"{role}={f}" for role, f in sorted(meta.encoder_flavors.items()) if f.endswith("/tiny")]
         raise ValueError(
             f"data.path={config.data.path!r} was encoded with random-weight encoders ({', '.join(random)}): "
             "training on it learns nothing about real images; set allow_random_weights: true for a test run"

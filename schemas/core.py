@@ -118,6 +118,14 @@ class FileMetadata:
         if self.random_weights is not None and not isinstance(self.random_weights, bool):
             raise TypeError(f"random_weights={self.random_weights!r} must be true, false or None")
 
+    @property
+    def made_by_random_weights(self) -> bool:
+        """``random_weights``, or for files from before that key, whether any encoder is a ``*/tiny`` flavor (the
+        only ones that ran without weights)."""
+        if self.random_weights is not None:
+            return self.random_weights
+        return any(flavor.endswith("/tiny") for flavor in self.encoder_flavors.values())
+
     def to_arrow(self) -> dict[bytes, bytes]:
         """The five ``cascade.*`` keys (plus the optional ones that are set) as Arrow schema metadata (JSON
         values, sorted keys)."""

@@ -476,7 +476,7 @@ def _export_bucket(task: ExportTaskConfig, unit: str, bucket: str, uris: list[st
         weights_sha256=meta.weights_sha256,
         preprocessing_hash=meta.preprocessing_hash,
         stage_b_conditioning=meta.stage_b_conditioning if _stage_b(tensors) else {},
-        random_weights=random_weights(meta),
+        random_weights=meta.made_by_random_weights,
     )
     expect = replace(file_meta, tensor_shapes=meta.tensor_shapes)
     row_bytes = sum(math.prod(s) for s in _shapes(meta, config).values()) * np.dtype(config.dtype).itemsize
@@ -560,7 +560,7 @@ def model_metadata(
     meaning, scale and how to decode it (shapes are per file: ``bucket`` None describes the effnet as 16×h×w)."""
     tensors: dict[str, Any] = {}
     names = _columns(config, meta)
-    random = random_weights(meta)
+    random = meta.made_by_random_weights
     for name in names:
         role = _ROLES.get(name, "effnet")  # stage_b_effnet_{s}: the effnet encoder's
         flavor = meta.encoder_flavors.get(role)
@@ -593,14 +593,6 @@ def model_metadata(
         "tensors": tensors,
         "empty_caption": _empty_caption_doc(empty_caption),
     } | ({"stage_b_conditioning": dict(meta.stage_b_conditioning)} if _stage_b(names) else {})
-
-
-def random_weights(meta: FileMetadata) -> bool:
-    """Whether the cache's encoders ran on random weights: its ``cascade.random_weights``, or for caches from
-    before that key, whether any encoder is a ``*/tiny`` flavor (the only ones that ran without weights)."""
-    if meta.random_weights is not None:
-        return meta.random_weights
-    return any(flavor.endswith("/tiny") for flavor in meta.encoder_flavors.values())
 
 
 def _doc(name: str, shape: Sequence[int], flavor: str | None, random: bool) -> tuple[str, str]:

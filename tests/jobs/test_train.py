@@ -265,6 +265,8 @@ def test_bad_configs_fail_before_any_worker_with_the_field_named(cache, tmp_path
           controlnet=ControlNetTrainConfig(flavor="controlnet/canny"))  # fmt: skip
     fails(r"weights is required for flavor='stage_c/1b' \(only \*/tiny flavors run on random weights\)",
           mode="lora", flavor="stage_c/1b")  # a frozen released Stage C needs its weights  # fmt: skip
+    fails(r"was encoded with random-weight encoders \(clip_image=clip_vision/tiny, clip_text=clip_text/tiny, "
+          r"effnet=effnet/tiny\).*set allow_random_weights: true", allow_random_weights=False)  # fmt: skip
     fails(r"batch_size=8 exceeds", batch_size=8)
     with pytest.raises(ValueError, match=r"batch_size=3 must be a multiple of .* = 2"):
         _config(cache, tmp_path, batch_size=3, grad_accum_steps=2)
