@@ -26,10 +26,13 @@ from schemas.core import (
     validate_table,
 )
 from schemas.records import (
+    DEDUP,
     DEFAULT_EMBED_DIM,
     REJECTS,
     SAMPLES,
     SCORES,
+    SCORES_IDS,
+    SCORES_V1,
     export_schema,
     huggingface_features,
     latents_schema,
@@ -46,6 +49,7 @@ from schemas.tensors import (
 )
 
 __all__ = [
+    "DEDUP",
     "DEFAULT_EMBED_DIM",
     "ENCODER_FLAVORS_KEY",
     "FIELD_DTYPE_KEY",
@@ -57,6 +61,8 @@ __all__ = [
     "SAMPLES",
     "SCHEMA_KEY",
     "SCORES",
+    "SCORES_IDS",
+    "SCORES_V1",
     "STAGE_B_CONDITIONING_KEY",
     "TENSOR_DTYPES",
     "TENSOR_SHAPES_KEY",

@@ -26,7 +26,8 @@ REJECT_REASON = "reject_reason"
 REJECT_DETAIL = "reject_detail"
 REJECT_COLUMNS = (REJECT_STEP, REJECT_REASON, REJECT_DETAIL)
 
-# scores (scores@1)
+# scores (scores@2; scores@1 lacks image_sha256 and phash)
+PHASH = "phash"  # 64-bit perceptual hash (imagehash pHash) of the decoded image, as uint64
 ASPECT_RATIO = "aspect_ratio"  # width / height
 CAPTION_LENGTH = "caption_length"  # characters
 AESTHETIC_SCORE = "aesthetic_score"  # LAION improved aesthetic predictor v2
@@ -34,6 +35,14 @@ CLIP_SIMILARITY = "clip_similarity"  # cosine(CLIP-L image, CLIP-L text)
 CLIP_IMAGE_EMBEDS = "clip_image_embeds"  # CLIP-L image_embeds, unnormalised: Stage C's clip_img
 WATERMARK_PROBABILITY = "watermark_probability"  # from the sample JSON when present
 NSFW_PROBABILITY = "nsfw_probability"  # from the sample JSON when present
+
+# dedup (dedup@1): one row per scored key
+DUPLICATE_OF = "duplicate_of"  # the kept key this row duplicates; null for kept rows
+DEDUP_KIND = "dedup_kind"  # "exact", "perceptual", "semantic" or "reference"; null for kept rows
+DEDUP_SIMILARITY = "dedup_similarity"  # to duplicate_of: 1 (exact), 1 - hamming/64 (perceptual), cosine
+DEDUP_CLUSTER = "dedup_cluster"  # the k-means cluster the row was compared in (-1: semantic off)
+NN_SIMILARITY = "nn_similarity"  # cosine to its nearest neighbour in its cluster (NaN: alone)
+DEDUP_COLUMNS = (KEY, SOURCE, DUPLICATE_OF, DEDUP_KIND, DEDUP_SIMILARITY, DEDUP_CLUSTER, NN_SIMILARITY)
 
 # rejects (rejects@1): key, source, step, reason, detail
 STEP = "step"  # the step that rejected the row

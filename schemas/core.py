@@ -205,7 +205,7 @@ def attach_metadata(
 
 def validate_table(
     table: pa.Table,
-    expected: RecordSchema | str,
+    expected: RecordSchema | str | tuple[str, ...],
     *,
     source: str | None = None,
     columns: Sequence[str] | None = None,
@@ -214,7 +214,8 @@ def validate_table(
 
     Args:
         table: a table as read from a file (its schema metadata included).
-        expected: the schema, or a registered id (templates are then built from the file's tensor shapes).
+        expected: the schema, or a registered id (templates are then built from the file's tensor shapes), or
+            a tuple of accepted ids (e.g. ``SCORES_IDS``: a reader that takes an older version too).
         source: the file name, quoted in error messages.
         columns: check only these columns (for projected reads); default: exactly the schema's columns.
 
@@ -222,14 +223,18 @@ def validate_table(
         SchemaMismatchError: naming both schema ids, or the offending column.
     """
     where = f"{source}: " if source else ""
-    expected_id = expected if isinstance(expected, str) else expected.id
-    parse_schema_id(expected_id)
+    accepted = expected if isinstance(expected, tuple) else (expected if isinstance(expected, str) else expected.id,)
+    for schema_id in accepted:
+        parse_schema_id(schema_id)
+    expected_id = " or ".join(accepted)
     try:
         meta = FileMetadata.from_arrow(table.schema.metadata)
     except ValueError as err:
         raise SchemaMismatchError(f"{where}{err}, expected {expected_id}") from None
-    if meta.schema_id != expected_id:
+    if meta.schema_id not in accepted:
         raise SchemaMismatchError(f"{where}file has {meta.schema_id}, expected {expected_id}")
+    if isinstance(expected, tuple):
+        expected = meta.schema_id
     try:
         schema = get_schema(expected, meta) if isinstance(expected, str) else expected
     except ValueError as err:  # a template that the file's tensor_shapes cannot build

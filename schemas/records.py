@@ -1,4 +1,5 @@
-"""The record kinds: samples@1, rejects@1, scores@1 and the templates latents@1 and export@1.
+"""The record kinds: samples@1, rejects@1, scores@2 (and the older scores@1), the templates latents@1 and
+export@1, and dedup@1.
 
 Templates are parameterised by tensor shapes (per file: aspect buckets and flavors go to separate files) and
 dtype. ``get_schema("latents@1", file_metadata)`` rebuilds a template from a file's ``cascade.tensor_shapes``.
@@ -44,14 +45,26 @@ REJECTS = RecordSchema(
 DEFAULT_EMBED_DIM = 768  # CLIP-L image embedding width (tiny flavors use 32)
 
 
-def scores_schema(embed_dim: int = DEFAULT_EMBED_DIM) -> RecordSchema:
-    """scores@1 with CLIP image embeddings of width ``embed_dim`` (768 for CLIP-L, smaller for tiny flavors)."""
+SCORES_VERSION = 2  # 2 added image_sha256 and phash (what dedup needs); readers take 1 and 2
+SCORES_IDS = ("scores@2", "scores@1")
+
+
+def scores_schema(embed_dim: int = DEFAULT_EMBED_DIM, version: int = SCORES_VERSION) -> RecordSchema:
+    """scores@2 with CLIP image embeddings of width ``embed_dim`` (768 for CLIP-L, smaller for tiny flavors).
+
+    ``version=1`` is the layout before ``image_sha256`` (sha256 of the image bytes) and ``phash`` (64-bit
+    perceptual hash of the decoded image) were added.
+    """
     if embed_dim < 1:
         raise ValueError(f"embed_dim={embed_dim} must be >= 1")
+    if version not in (1, 2):
+        raise ValueError(f"scores version={version}; known: 1, 2")
     f32 = pa.float32()
+    hashes = [pa.field(c.IMAGE_SHA256, pa.string(), nullable=False), pa.field(c.PHASH, pa.uint64(), nullable=False)]
     fields = [
         pa.field(c.KEY, pa.string(), nullable=False),
         pa.field(c.SOURCE, pa.string(), nullable=False),
+        *(hashes if version >= 2 else []),
         pa.field(c.WIDTH, pa.int32(), nullable=False),
         pa.field(c.HEIGHT, pa.int32(), nullable=False),
         pa.field(c.ASPECT_RATIO, f32, nullable=False),
@@ -62,10 +75,28 @@ def scores_schema(embed_dim: int = DEFAULT_EMBED_DIM) -> RecordSchema:
         pa.field(c.WATERMARK_PROBABILITY, f32, nullable=True),
         pa.field(c.NSFW_PROBABILITY, f32, nullable=True),
     ]
-    return RecordSchema("scores", 1, pa.schema(fields), "Per-sample scores and the CLIP-L image embedding.")
+    return RecordSchema("scores", version, pa.schema(fields), "Per-sample scores and the CLIP-L image embedding.")
 
 
 SCORES = scores_schema()
+SCORES_V1 = scores_schema(version=1)
+
+DEDUP = RecordSchema(
+    "dedup",
+    1,
+    pa.schema(
+        [
+            pa.field(c.KEY, pa.string(), nullable=False),
+            pa.field(c.SOURCE, pa.string(), nullable=False),
+            pa.field(c.DUPLICATE_OF, pa.string(), nullable=True),
+            pa.field(c.DEDUP_KIND, pa.string(), nullable=True),
+            pa.field(c.DEDUP_SIMILARITY, pa.float32(), nullable=True),
+            pa.field(c.DEDUP_CLUSTER, pa.int32(), nullable=False),
+            pa.field(c.NN_SIMILARITY, pa.float32(), nullable=False),
+        ]
+    ),
+    "Per-key dedup verdict: the kept key it duplicates (null: kept), how, and how similar.",
+)
 
 # Latent records: scalar columns shared by latents@1 and export@1.
 _LATENT_SCALARS = [
@@ -196,13 +227,18 @@ def _template(build: Any, name: str) -> Any:
     return resolve
 
 
-def _scores_from_metadata(meta: FileMetadata | None) -> RecordSchema:
-    spec = meta.tensor_shapes.get(c.CLIP_IMAGE_EMBEDS) if meta else None
-    return scores_schema(spec.shape[0]) if spec else SCORES
+def _scores_from_metadata(version: int) -> Any:
+    def resolve(meta: FileMetadata | None) -> RecordSchema:
+        spec = meta.tensor_shapes.get(c.CLIP_IMAGE_EMBEDS) if meta else None
+        return scores_schema(spec.shape[0] if spec else DEFAULT_EMBED_DIM, version)
+
+    return resolve
 
 
 register(SAMPLES.id, SAMPLES)
 register(REJECTS.id, REJECTS)
-register(SCORES.id, _scores_from_metadata)
+register(DEDUP.id, DEDUP)
+register(SCORES.id, _scores_from_metadata(2))
+register(SCORES_V1.id, _scores_from_metadata(1))
 register("latents@1", _template(latents_schema, "latents@1"))
 register("export@1", _template(export_schema, "export@1"))

@@ -59,7 +59,7 @@ def open_per_shard(
     *,
     field: str,
     convert_to: CommitStore,
-    schema_id: str | None = None,
+    schema_id: str | tuple[str, ...] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The per-shard table set at ``root`` (its root and manifest), converting an older layout once.
 
@@ -109,7 +109,12 @@ class MergeParts:
 
 
 def partition_by_shard(
-    root: str, storage_options: dict[str, Any], dest: CommitStore, *, field: str, schema_id: str | None = None
+    root: str,
+    storage_options: dict[str, Any],
+    dest: CommitStore,
+    *,
+    field: str,
+    schema_id: str | tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Split an older table set by its ``source`` column into ``dest/parquet/<shard>.parquet``, as a Ray job:
     one task per input file stages its rows per shard, then one commit task per shard merges them."""

@@ -302,3 +302,12 @@ def to_float_chw(rgb: np.ndarray) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got shape {rgb.shape} dtype {rgb.dtype}")
     return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+
+
+def perceptual_hash(rgb: np.ndarray) -> int:
+    """The 64-bit pHash (imagehash's: grayscale, 32×32 Lanczos, DCT, 8×8 low frequencies above their median) of a
+    decoded (H, W, 3) uint8 image, as an unsigned int whose bits read row by row, most significant first."""
+    import imagehash
+
+    bits = imagehash.phash(Image.fromarray(rgb)).hash.reshape(-1)
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")

@@ -51,6 +51,7 @@ from pipelines.encode.models import (
 )
 from pipelines.encode.steps import EncodeRead, PreprocessImages, PreprocessStepConfig, ReadConfig
 from pipelines.encode.writer import WriteConfig, WriteLatentParts, fingerprint_metadata
+from schemas import SCORES_IDS
 
 ON_STALE = ("refuse", "reencode", "redo")
 
@@ -252,7 +253,7 @@ def read_config(config: EncodeConfig, store: CommitStore) -> ReadConfig:
         if path is not None:
             inputs = CommitStore(f"{store.root}/_inputs/{name}", store.options)
             roots[name], _ = open_per_shard(path, config.inputs_options, field=field, convert_to=inputs,
-                                            schema_id="scores@1" if name == "scores" else None)  # fmt: skip
+                                            schema_id=SCORES_IDS if name == "scores" else None)  # fmt: skip
     return ReadConfig(source=config.shards, storage_options=config.inputs_options, validate=config.validate,
                       **roots)  # fmt: skip
 

@@ -12,6 +12,7 @@ Pipeline: shard rows → ``ReadShard`` (tasks) → ``ScoreSamples`` (actor pool,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 from pipelines.core.by_shard import LAYOUT, MergeParts
 from pipelines.core.commits import Committer, JobOutput
 from pipelines.core.completion import SHARD_ID, closed, run_and_commit
-from pipelines.core.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb, to_float_chw
+from pipelines.core.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb, perceptual_hash, to_float_chw
 from pipelines.core.plan import Plan, PlannedStep
 from pipelines.core.sink import StageConfig, StageRows
 from pipelines.core.sources import (
@@ -45,16 +46,18 @@ from schemas.columns import (
     CLIP_SIMILARITY,
     HEIGHT,
     IMAGE,
+    IMAGE_SHA256,
     KEY,
     META_JSON,
     NSFW_PROBABILITY,
+    PHASH,
     SOURCE,
     WATERMARK_PROBABILITY,
     WIDTH,
 )
 
 SCORE_COLUMNS = (
-    KEY, SOURCE, WIDTH, HEIGHT, ASPECT_RATIO, CAPTION_LENGTH, AESTHETIC_SCORE, CLIP_SIMILARITY,
+    KEY, SOURCE, IMAGE_SHA256, PHASH, WIDTH, HEIGHT, ASPECT_RATIO, CAPTION_LENGTH, AESTHETIC_SCORE, CLIP_SIMILARITY,
     CLIP_IMAGE_EMBEDS, WATERMARK_PROBABILITY, NSFW_PROBABILITY,
 )  # fmt: skip
 # Names metadata fields go by in common datasets (LAION: pwatermark/punsafe; COYO: watermark_score, nsfw_score_*).
@@ -144,7 +147,8 @@ def _meta_value(meta: dict[str, Any], names: tuple[str, ...]) -> float:
 
 
 class ScoreSamples(Step):
-    """Decode each image once, score the batch with one CLIP pass, fill the score columns."""
+    """Decode each image once, score the batch with one CLIP pass, fill the score columns; the sha256 of the
+    bytes and the pHash of that same decode are what ``cascade dedup`` groups by."""
 
     name = "score"
     requires = (KEY, CAPTION, IMAGE, META_JSON)
@@ -177,6 +181,8 @@ class ScoreSamples(Step):
             CAPTION_LENGTH: np.zeros(n, np.int32),
         }
         out[CLIP_IMAGE_EMBEDS] = np.zeros((n, dim), dtype=np.float32)
+        out[IMAGE_SHA256] = np.full(n, "", dtype=object)
+        out[PHASH] = np.zeros(n, np.uint64)
         return out
 
     def __call__(self, batch: Batch) -> Batch:
@@ -184,11 +190,14 @@ class ScoreSamples(Step):
         batch[CAPTION] = np.asarray([caption_text(c) for c in batch[CAPTION]], dtype=object)  # text once
         rows, images = [], []
         for i in healthy(batch):
+            data = bytes(batch[IMAGE][i])
             try:
-                rgb = decode_rgb(bytes(batch[IMAGE][i]), max_pixels=self.config.max_pixels)
+                rgb = decode_rgb(data, max_pixels=self.config.max_pixels)
             except ImageError as exc:
                 reject(batch, i, self.name, exc.reason, exc.detail)
                 continue
+            out[IMAGE_SHA256][i] = hashlib.sha256(data).hexdigest()
+            out[PHASH][i] = perceptual_hash(rgb)
             rows.append(i)
             images.append(self.torch.from_numpy(to_float_chw(rgb)))
         if rows:

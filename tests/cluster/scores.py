@@ -33,4 +33,4 @@ def write_scores(path: Path) -> None:
         }
     )
     path.parent.mkdir(parents=True)
-    pq.write_table(attach_metadata(table, scores_schema(4)), path)
+    pq.write_table(attach_metadata(table, scores_schema(4, version=1)), path)  # older files still filter

@@ -214,7 +214,7 @@ def test_reader_refuses_other_schemas(tmp_path: Path) -> None:
     pq.write_table(
         attach_metadata(SCORES.arrow.empty_table(), SCORES), tmp_path / "parquet" / "scores.parquet"
     )
-    with pytest.raises(SchemaMismatchError, match=r"scores\.parquet: file has scores@1, expected latents@1"):
+    with pytest.raises(SchemaMismatchError, match=r"scores\.parquet: file has scores@2, expected latents@1"):
         list(read_latents(str(tmp_path), "parquet"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.core.images import decode_rgb, to_float_chw
+from pipelines.core.images import decode_rgb, perceptual_hash, to_float_chw
 from pipelines.core.plan import Plan, PlanError, PlannedStep
 from pipelines.core.shards import members_tar_bytes
 from pipelines.core.sources import SourceConfig
@@ -66,7 +67,10 @@ def test_scores_per_key(scored) -> None:
     assert rows["rocket"]["watermark_probability"] == 0.25 and np.isnan(rows["coffee"]["nsfw_probability"])
     assert all(-1 <= r["clip_similarity"] <= 1 and np.isfinite(r["aesthetic_score"]) for r in rows.values())
     assert len(chelsea["clip_image_embeds"]) == 32
-    assert table.schema.metadata[b"cascade.schema"] == b"scores@1"
+    assert table.schema.metadata[b"cascade.schema"] == b"scores@2"
+    # what dedup needs, from the same decode: sha256 of the bytes and imagehash's pHash
+    assert chelsea["image_sha256"] == hashlib.sha256(jpeg("chelsea")).hexdigest()
+    assert chelsea["phash"] == perceptual_hash(decode_rgb(jpeg("chelsea"), max_pixels=10**8)) > 0
 
 
 def test_stored_embedding_equals_a_direct_scorer_pass(scored) -> None:
@@ -140,7 +144,7 @@ def test_filter_refuses_files_that_are_not_scores(tmp_path) -> None:
              "reject_detail": np.asarray([""], dtype=object)}  # fmt: skip
     (tmp_path / "scores").mkdir()
     pq.write_table(rejects_table(batch, np.asarray([0])), tmp_path / "scores" / "part-0.parquet")
-    with pytest.raises(ValueError, match=r"part-0\.parquet: file has rejects@1, expected scores@1"):
+    with pytest.raises(ValueError, match=r"part-0\.parquet: file has rejects@1, expected scores@2 or scores@1"):
         run_filter(FilterConfig(scores_dir=str(tmp_path / "scores"), output_dir=str(tmp_path),
                                 rules=(Rule(field="width", op=">", value=1),)))  # fmt: skip
 

@@ -15,6 +15,7 @@ from schemas import (
     METADATA_KEYS,
     SAMPLES,
     SCORES,
+    SCORES_V1,
     TENSOR_SHAPES_KEY,
     FileMetadata,
     RecordSchema,
@@ -33,11 +34,14 @@ from tests.schemas.factories import REAL_SHAPES, TINY_SHAPES, file_metadata, sha
 
 def test_schema_ids_and_registry() -> None:
     assert SAMPLES.id == "samples@1"
-    assert registered_ids() == ("export@1", "latents@1", "rejects@1", "samples@1", "scores@1")
+    assert registered_ids() == (
+        "dedup@1", "export@1", "latents@1", "rejects@1", "samples@1", "scores@1", "scores@2"
+    )
     assert get_schema("samples@1") is SAMPLES
-    assert get_schema("scores@1") == SCORES
+    assert get_schema("scores@2") == SCORES
+    assert get_schema("scores@1") == SCORES_V1 and "phash" not in SCORES_V1.arrow.names
     assert parse_schema_id("latents@12") == ("latents", 12)
-    with pytest.raises(ValueError, match=r"unknown schema samples@9; registered: export@1, latents@1"):
+    with pytest.raises(ValueError, match=r"unknown schema samples@9; registered: dedup@1, export@1, latents@1"):
         get_schema("samples@9")
     for bad in ("samples", "samples@0", "Samples@1", "samples@v1"):
         with pytest.raises(ValueError, match="name@version"):
@@ -53,8 +57,9 @@ def test_templates_resolve_from_file_metadata() -> None:
     with pytest.raises(ValueError, match=r"latents@1 is a template.*latents_schema\(\)"):
         get_schema("latents@1")
     tiny_scores = scores_schema(32)
-    meta = FileMetadata(schema_id="scores@1", tensor_shapes=tiny_scores.tensor_specs)
-    assert get_schema("scores@1", meta) == tiny_scores
+    meta = FileMetadata(schema_id="scores@2", tensor_shapes=tiny_scores.tensor_specs)
+    assert get_schema("scores@2", meta) == tiny_scores
+    assert get_schema("scores@1", meta) == scores_schema(32, version=1)
     assert tiny_scores.tensor_specs == {"clip_image_embeds": TensorSpec((32,), "float32")}
 
 

@@ -96,6 +96,8 @@ def test_scores_round_trip(tmp_path, embed_dim: int) -> None:
         {
             "key": [f"k{i}" for i in range(n)],
             "source": ["shard-1"] * n,
+            "image_sha256": ["ab" * 32, "cd" * 32, "ab" * 32, "ef" * 32],
+            "phash": pa.array([0, 1, 2**64 - 1, 0x8000000000000000], pa.uint64()),
             "width": pa.array([640, 512, 300, 2000], pa.int32()),
             "height": pa.array([480, 512, 900, 1000], pa.int32()),
             "aspect_ratio": pa.array([640 / 480, 1.0, 1 / 3, 2.0], pa.float32()),
@@ -113,6 +115,7 @@ def test_scores_round_trip(tmp_path, embed_dim: int) -> None:
         nested_list_to_numpy(read.column("clip_image_embeds")).view(np.uint32), embeds.view(np.uint32)
     )
     assert read.column("watermark_probability").null_count == 2
+    assert read.column("phash").to_pylist() == [0, 1, 2**64 - 1, 2**63]  # all 64 bits survive
 
 
 @pytest.mark.parametrize(

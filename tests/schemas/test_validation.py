@@ -11,6 +11,8 @@ import pytest
 from schemas import (
     REJECTS,
     SCORES,
+    SCORES_IDS,
+    SCORES_V1,
     FileMetadata,
     RecordSchema,
     SchemaMismatchError,
@@ -34,7 +36,7 @@ def rejects_table(**overrides: pa.Array) -> pa.Table:
 
 
 def scores_file(tmp_path) -> tuple[pa.Table, str]:
-    """A scores@1 file on disk and its path."""
+    """A scores@1 file (from before image_sha256 and phash) on disk and its path."""
     n = 2
     table = pa.table(
         {
@@ -54,20 +56,22 @@ def scores_file(tmp_path) -> tuple[pa.Table, str]:
         }
     )
     path = str(tmp_path / "scores-00000.parquet")
-    pq.write_table(attach_metadata(table, SCORES, file_metadata()), path)
+    pq.write_table(attach_metadata(table, SCORES_V1, file_metadata()), path)
     return pq.read_table(path), path
 
 
 def test_version_mismatch_names_both_ids_and_the_file(tmp_path) -> None:
     table, path = scores_file(tmp_path)
-    scores_v2 = RecordSchema("scores", 2, SCORES.arrow, "a future version")
     with pytest.raises(SchemaMismatchError, match=rf"^{path}: file has scores@1, expected scores@2$"):
-        validate_table(table, scores_v2, source=path)
+        validate_table(table, SCORES, source=path)
     with pytest.raises(ValueError, match=r"^file has scores@1, expected scores@2$"):
         validate_table(table, "scores@2")
     with pytest.raises(SchemaMismatchError, match=r"file has scores@1, expected latents@1"):
         validate_table(table, "latents@1")
     assert validate_table(table, "scores@1", source=path).schema_id == "scores@1"
+    assert validate_table(table, SCORES_IDS, source=path).schema_id == "scores@1"  # readers take both
+    with pytest.raises(SchemaMismatchError, match=r"file has scores@1, expected dedup@1 or latents@1$"):
+        validate_table(table, ("dedup@1", "latents@1"))
 
 
 def test_missing_metadata_names_the_expected_id(tmp_path) -> None:
