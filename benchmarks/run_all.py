@@ -15,7 +15,9 @@ Runs, each in its own process with its own timeout (7 to 9 minutes in all on 2 C
   CLIP-bigG text), and the FLOP projection of the on-the-fly cost for ``stage_b/700m`` and ``stage_b/1.5b``;
 * ``read.py``: the cache readers against a raw pyarrow read of the same files;
 * ``scale.py --quick``: per-shard driver and join costs at 100 and 1000 shards, end to end per sample at two
-  sizes (the full sizes, 10² → 10⁴ shards and 10³ → 10⁴ samples, run on their own: ``python benchmarks/scale.py``).
+  sizes (the full sizes, 10² → 10⁴ shards and 10³ → 10⁴ samples, run on their own: ``python benchmarks/scale.py``);
+* ``dedup.py --sizes 10000 100000``: ``cascade dedup`` time, memory and recall on synthetic 768-d embeddings
+  (the full sizes, 10⁵ and 10⁶, run on their own: ``python benchmarks/dedup.py``).
 
 Writes ``{out}.json`` (every benchmark's full result, the settings and the ratio rows) and ``{out}.md`` (the
 table). A benchmark that fails or times out shows as such in its rows; the others still run.
@@ -45,6 +47,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "train_b": (["train_b.py", "--quick"], 900),
     "read": (["read.py", "--rows", "1024", "--files", "8"], 120),
     "scale": (["scale.py", "--quick"], 900),
+    "dedup": (["dedup.py", "--sizes", "10000", "100000"], 600),
 }
 
 
@@ -131,6 +134,7 @@ def ratio_rows(results: dict[str, dict]) -> list[dict]:
                      lambda v: v <= 1.05, f"real encodes in one part; as written in {_fmt(_get(enc, 'bytes', 'rows_per_part_as_written'))}-row "
                      f"parts: {_fmt(_get(enc, 'bytes', 'ratio_as_written'))}; random fp16 tensors: {_fmt(read.get('ratio_bytes_over_raw'))}"))  # fmt: skip
     rows += scale_rows(results.get("scale", {}))
+    rows += dedup_rows(results.get("dedup", {}))
     for name, result in results.items():
         if "error" in result:
             rows.append(_row(f"{name} benchmark", None, "runs", None, result["error"].splitlines()[0][:200]))
@@ -156,6 +160,24 @@ def train_b_rows(train_b: dict) -> list[dict]:
                              f"encoders {_fmt(p.get('encoder_gflop_per_sample'))} GFLOP/sample vs Stage B "
                              f"{_fmt(p.get('stage_b_gflop_per_sample_fwd_bwd'))} (fwd+bwd)"))  # fmt: skip
     return rows
+
+
+def dedup_rows(dedup: dict) -> list[dict]:
+    """How semantic dedup's time grows with rows, its memory, and its recall against all-pairs search."""
+    sizes = dedup.get("sizes") or []
+    if not sizes:
+        return []
+    small, large = sizes[0], sizes[-1]
+    ratio, rows_ratio = dedup.get("time_ratio"), dedup.get("rows_ratio") or 10
+    return [
+        _row(f"dedup time, {large['rows']:,} / {small['rows']:,} rows", ratio, f"≤ {1.2 * rows_ratio:g}",
+             lambda v: v <= 1.2 * rows_ratio, f"{small['seconds']} s → {large['seconds']} s (the full 10⁶ run: "
+             "python benchmarks/dedup.py)"),
+        _row(f"dedup peak memory at {large['rows']:,} rows (GiB)", large.get("peak_pss_gib"), "≤ 8",
+             lambda v: v <= 8, "PSS of the driver and every Ray process"),
+        _row("dedup ε-pair recall / all-pairs search (2·10⁴ rows)", _get(dedup, "ground_truth", "eps_pair_recall"),
+             "≥ 0.98", lambda v: v >= 0.98, f"planted near-copies recalled: {large.get('planted_pair_recall')}"),
+    ]  # fmt: skip
 
 
 def scale_rows(scale: dict) -> list[dict]:

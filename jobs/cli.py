@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("flavors", "list every model flavor with its exact parameter count (meta device)", _cmd_flavors),
         (
             "demo",
-            "ingest → score → filter → encode → train-c → export → report on bundled CC0 photos",
+            "ingest → score → dedup → filter → encode → train-c → export → report on bundled CC0 photos",
             _cmd_demo,
         ),
     ]

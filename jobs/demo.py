@@ -1,5 +1,6 @@
-"""``cascade demo``: the whole flow on bundled photos, ingest → score → filter → encode → train-c → export →
-report, on a local Ray (or ``--address``), in a few minutes on 2 CPU cores.
+"""``cascade demo``: the whole flow on bundled photos, ingest → score → dedup → filter → encode → train-c →
+export → report, on a local Ray (or ``--address``), in a few minutes on 2 CPU cores. The photos include three
+planted copies (exact, resized, recompressed) that dedup finds and filter drops.
 
 Without ``--weights`` every model is a ``*/tiny`` flavor with seeded random weights: the demo proves the
 plumbing, and every output says so. ``--weights DIR`` switches each stage to the released checkpoints,
@@ -22,6 +23,7 @@ from jobs.pipeline_jobs import JOBS, IngestJobConfig, init_ray
 from jobs.train_config import PreviewConfig, TrainConfig
 from pipelines.core.preprocess import PreprocessConfig
 from pipelines.core.sources import SourceConfig
+from pipelines.dedup.pipeline import DedupConfig, SemanticConfig
 from pipelines.encode.models import EncoderConfig
 from pipelines.encode.pipeline import EncodeConfig
 from pipelines.export.pipeline import ExportConfig
@@ -83,7 +85,7 @@ def _released(weights_dir: str) -> dict[str, str]:
 
 
 def demo_jobs(config: DemoConfig) -> list[tuple[str, Any]]:
-    """The seven job configs, in order, as ``(job name, config)``; built (and so checked) before any work."""
+    """The eight job configs, in order, as ``(job name, config)``; built (and so checked) before any work."""
     out = Path(config.output_dir).resolve()
     files = _released(config.weights) if config.weights else {}
 
@@ -97,7 +99,11 @@ def demo_jobs(config: DemoConfig) -> list[tuple[str, Any]]:
                            aesthetic_weights=files["aesthetic_weights"])
               if files else ScorerConfig(flavor="clip_score/tiny"))  # fmt: skip
     rules = (Rule(field="aspect_ratio", op=">=", value=0.5), Rule(field="aspect_ratio", op="<=", value=2.0),
-             Rule(field="caption_length", op=">=", value=10))  # fmt: skip
+             Rule(field="caption_length", op=">=", value=10), Rule(field="duplicate_of", op="is null"))  # fmt: skip
+    # semantic dedup compares CLIP-L embeddings: under random weights every photo looks alike, so it runs
+    # only with the released scorer
+    dedup = DedupConfig(scores_dir=str(out / "scores"), output_dir=str(out / "dedup"),
+                        semantic=SemanticConfig(enabled=bool(files)))  # fmt: skip
     if files:
         rules += (Rule(field="aesthetic_score", op=">=", value=4.0),)
     preprocess = PreprocessConfig(mode="buckets", image_size_px=768 if files else 256)
@@ -119,7 +125,9 @@ def demo_jobs(config: DemoConfig) -> list[tuple[str, Any]]:
         ("ingest", IngestJobConfig(existing=IngestConfig(source=SourceConfig(kind="folder", path=f"{config.photos}/*.jpg"),
                                                          output_dir=str(out / "shards")))),
         ("score", ScoreConfig(shards=shards, output_dir=str(out / "scores"), scorer=scorer)),
-        ("filter", FilterConfig(scores_dir=str(out / "scores"), output_dir=str(out / "filtered"), rules=rules)),
+        ("dedup", dedup),
+        ("filter", FilterConfig(scores_dir=str(out / "scores"), output_dir=str(out / "filtered"), rules=rules,
+                                dedup_dir=str(out / "dedup"))),
         ("encode", EncodeConfig(shards=shards, output_dir=str(out / "latents"), preprocess=preprocess,
                                 kept_keys=str(out / "filtered"), scores_dir=str(out / "scores"),
                                 effnet=effnet,
@@ -136,6 +144,8 @@ def _headline(name: str, summary: Any) -> str:
     lines = {
         "ingest": lambda: f"{s['n_samples']} samples in {s['n_shards']} shard(s), {s['n_rejected']} rejected",
         "score": lambda: f"{s['n_scored']} scored, {s['n_rejected']} rejected",
+        "dedup": lambda: f"{s['n_input'] - s['n_kept']} duplicate(s): "
+        + ", ".join(f"{v} {k}" for k, v in s["removed"].items() if v),
         "filter": lambda: f"{s['n_kept']} of {s['n_input']} kept",
         "encode": lambda: f"{s['n_encoded']} encoded into buckets {s['buckets']}",
         "train-c": lambda: f"steps {s['start_step']}→{s['final_step']}, loss {s['last_metrics'].get('loss', float('nan')):.4f}",
@@ -157,7 +167,7 @@ def _where(name: str, summary: Any, config: Any) -> str:
 
 
 def run_demo(config: DemoConfig, address: str | None = None) -> dict[str, str]:
-    """Run the seven jobs in order and print where each output lives; returns job → output location."""
+    """Run the eight jobs in order and print where each output lives; returns job → output location."""
     jobs = demo_jobs(config)  # every config is checked here, before Ray starts
     label = (
         "released weights from " + config.weights if config.weights else "tiny flavors, SEEDED RANDOM WEIGHTS"

@@ -19,6 +19,7 @@ from jobs.preflight import absolute_paths, preflight
 from jobs.train import check_train, run_train
 from jobs.train_config import TrainConfig
 from pipelines.core.notice import notice
+from pipelines.dedup.pipeline import DedupConfig, run_dedup
 from pipelines.encode.pipeline import EncodeConfig, run_encode
 from pipelines.export.pipeline import ExportConfig, run_export
 from pipelines.filter.pipeline import FilterConfig, run_filter
@@ -84,6 +85,8 @@ JOBS: dict[str, Job] = {
                   "URL lists (img2dataset, SSRF-guarded) or WebDataset/Parquet/folders into image–text shards"),
     "score": Job("score", ScoreConfig, run_score, True,
                  "CLIP aesthetic + image–text similarity + size scores per key, with the CLIP-L embedding"),
+    "dedup": Job("dedup", DedupConfig, run_dedup, True,
+                 "exact (sha256), perceptual (pHash, LSH) and semantic (SemDeDup on CLIP-L) duplicates per key"),
     "filter": Job("filter", FilterConfig, run_filter, True,
                   "apply declarative rules to stored scores; write kept keys and per-rule drop counts"),
     "encode": Job("encode", EncodeConfig, run_encode, True,

@@ -25,6 +25,7 @@ JOB_PACKAGES = {
     "core": set(),
     "ingest": set(),
     "score": set(),
+    "dedup": set(),
     "filter": set(),
     "encode": set(),
     "train_data": set(),

@@ -189,6 +189,24 @@ class CommitStore:
             self.fs.rm(self.path, recursive=True)
 
 
+class Endpoints:
+    """For a job config with ``output_dir``, ``endpoint_url`` (of its inputs) and ``output_endpoint_url``
+    (default: the inputs'): the inputs' storage options and the output's ``CommitStore``."""
+
+    endpoint_url: str | None
+    output_endpoint_url: str | None
+    output_dir: str
+
+    @property
+    def input_options(self) -> dict[str, Any]:
+        return {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+
+    @property
+    def store(self) -> CommitStore:
+        endpoint = self.output_endpoint_url or self.endpoint_url
+        return CommitStore(self.output_dir, {"endpoint_url": endpoint} if endpoint else {})
+
+
 class JobOutput:
     """One run of a per-shard job over ``store``: what is left to do, then the manifest, written last.
 

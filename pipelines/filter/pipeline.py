@@ -1,5 +1,8 @@
 """Filter stored scores with declarative rules (field, op, value): no re-scoring, no eval of strings.
 
+Rules may also name the columns of a ``cascade dedup`` output (``dedup_dir``): ``duplicate_of``, ``dedup_kind``,
+``dedup_similarity``, ``dedup_cluster``, ``nn_similarity``, joined by key with the same shard's scores.
+
 One Ray task per scores shard reads that shard's ``<shard>.parquet`` (only the rule columns), applies the
 rules with pyarrow compute and commits ``parquet/<shard>.parquet`` of kept keys (key, source) in ``output_dir``, with
 the shard's counts in its commit record. The driver adds the counts up into ``filter_report.json`` (per
@@ -20,13 +23,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.core.by_shard import LAYOUT, open_per_shard, shard_file, shard_path
-from pipelines.core.commits import CommitStore, JobOutput
+from pipelines.core.commits import CommitStore, Endpoints, JobOutput
 from pipelines.core.completion import SHARD_ID, collect_records
 from pipelines.core.plan import Plan, PlannedStep
 from pipelines.core.step import Batch, Resources, Step, object_column
 from pipelines.core.storage import table_bytes
-from schemas import validate_table
-from schemas.columns import KEY, SOURCE
+from schemas import DEDUP, SCORES_IDS, validate_table
+from schemas.columns import DEDUP_KIND, KEY, SOURCE
 
 _COMPARE = {"<": pc.less, "<=": pc.less_equal, ">": pc.greater, ">=": pc.greater_equal, "==": pc.equal,
             "!=": pc.not_equal}  # fmt: skip
@@ -81,12 +84,14 @@ class Rule:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FilterConfig:
+class FilterConfig(Endpoints):
     """A filter job over stored scores.
 
     Attributes:
         scores_dir: a ``cascade score`` output (an older single-folder scores output is partitioned by shard
             once, into ``output_dir/_inputs/scores``).
+        dedup_dir: a ``cascade dedup`` output of the same scores, whose columns rules may name (e.g.
+            ``{field: duplicate_of, op: is null}``); the report then counts the rows dropped per dedup kind.
         output_dir: where ``parquet/<shard>.parquet`` (kept keys), ``filter_report.json`` and ``manifest.json`` go.
         rules: applied in order; a row is kept when every rule keeps it.
         endpoint_url: S3 endpoint of ``scores_dir``; output_endpoint_url: of ``output_dir``.
@@ -98,6 +103,7 @@ class FilterConfig:
     scores_dir: str
     output_dir: str
     rules: tuple[Rule, ...]
+    dedup_dir: str | None = None
     endpoint_url: str | None = None
     output_endpoint_url: str | None = None
     on_stale: str = "redo"
@@ -109,15 +115,11 @@ class FilterConfig:
             raise ValueError("rules must list at least one rule")
         if not all(isinstance(r, Rule) for r in self.rules):
             raise ValueError("rules must be Rule(field, op, value) entries")
-
-    @property
-    def input_options(self) -> dict[str, Any]:
-        return {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
-
-    @property
-    def store(self) -> CommitStore:
-        endpoint = self.output_endpoint_url or self.endpoint_url
-        return CommitStore(self.output_dir, {"endpoint_url": endpoint} if endpoint else {})
+        needs_dedup = sorted({r.field for r in self.rules} & (set(DEDUP.arrow.names) - {KEY, SOURCE}))
+        if needs_dedup and self.dedup_dir is None:
+            raise ValueError(
+                f"rules on {needs_dedup} need dedup_dir (a cascade dedup output of these scores)"
+            )
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class ShardFilterConfig:
     storage_options: dict[str, Any]
     rules: tuple[Rule, ...]
     store: CommitStore
+    dedup_root: str | None = None
 
 
 def apply_rules(table: pa.Table, rules: Sequence[Rule]) -> tuple[pa.Table, dict[str, int]]:
@@ -149,6 +152,9 @@ def apply_rules(table: pa.Table, rules: Sequence[Rule]) -> tuple[pa.Table, dict[
         counts[f"dropped:{rule.label}"] = pc.sum(pc.and_(alive, pc.invert(keep))).as_py() or 0
         alive = pc.and_(alive, keep)
     kept = table.select([KEY, SOURCE]).filter(alive)
+    if DEDUP_KIND in table.column_names:  # what each dedup kind accounts for among the dropped rows
+        kinds = table[DEDUP_KIND].filter(pc.invert(alive)).drop_null()
+        counts |= {f"dropped_kind:{r['values']}": r["counts"] for r in pc.value_counts(kinds).to_pylist()}
     return kept, counts | {"n_kept": kept.num_rows}
 
 
@@ -161,21 +167,30 @@ class FilterShards(Step):
 
     def __call__(self, batch: Batch) -> Batch:
         cfg: ShardFilterConfig = self.config
-        columns = list(dict.fromkeys([KEY, SOURCE, *(r.field for r in cfg.rules)]))
+        fields = [r.field for r in cfg.rules]
+        columns = list(dict.fromkeys([KEY, SOURCE, *(f for f in fields if f not in DEDUP.arrow.names)]))
+        dedup = list(dict.fromkeys([KEY, *(f for f in fields if f in DEDUP.arrow.names), DEDUP_KIND]))
         records = []
         for shard in batch[SHARD_ID]:
-            path = shard_path(cfg.scores_root, str(shard))
-            fs, local = fsspec.core.url_to_fs(path, **cfg.storage_options)
-            with fs.open(local, "rb") as f:
-                scores = pq.ParquetFile(f)
-                validate_table(scores.schema_arrow.empty_table(), "scores@1", source=path)
-                table = scores.read(columns=columns)
+            table = _read_shard(cfg.scores_root, str(shard), columns, SCORES_IDS, cfg.storage_options)
+            if cfg.dedup_root is not None:
+                verdicts = _read_shard(cfg.dedup_root, str(shard), dedup, DEDUP.id, cfg.storage_options)
+                table = table.join(verdicts, KEY, join_type="left outer").sort_by(KEY)
             kept, counts = apply_rules(table, cfg.rules)
             cfg.store.stage(str(shard), shard_file(str(shard)), table_bytes(kept))
             files = [{"path": shard_file(str(shard)), "rows": kept.num_rows}]
             records.append(cfg.store.commit(str(shard), {"shard_id": str(shard), "files": files, **counts}))
         return {SHARD_ID: object_column(str(s) for s in batch[SHARD_ID]),
                 "record": object_column(json.dumps(r) for r in records)}  # fmt: skip
+
+
+def _read_shard(root: str, shard: str, columns: list[str], schema: Any, options: dict[str, Any]) -> pa.Table:
+    path = shard_path(root, shard)
+    fs, local = fsspec.core.url_to_fs(path, **options)
+    with fs.open(local, "rb") as f:
+        file = pq.ParquetFile(f)
+        validate_table(file.schema_arrow.empty_table(), schema, source=path)
+        return file.read(columns=columns)
 
 
 def check_rules(schema: pa.Schema, rules: Sequence[Rule]) -> None:
@@ -193,28 +208,48 @@ def check_rules(schema: pa.Schema, rules: Sequence[Rule]) -> None:
             ) from None
 
 
+def _dedup_input(config: FilterConfig, shards: list[str]) -> tuple[str, dict[str, Any]]:
+    """The dedup output's root and manifest; it must cover exactly the scores' shards."""
+    from pipelines.core.commits import read_manifest
+
+    manifest = read_manifest(config.dedup_dir, config.input_options)
+    if manifest is None or manifest.get("schema") != DEDUP.id:
+        raise FileNotFoundError(
+            f"dedup_dir={config.dedup_dir!r} holds no finished cascade dedup output (manifest.json)"
+        )
+    if sorted(manifest["shards"]) != shards:
+        raise ValueError(f"dedup_dir={config.dedup_dir!r} was made from other scores than scores_dir={config.scores_dir!r} "
+                         "(its shards differ); rerun cascade dedup on these scores")  # fmt: skip
+    return config.dedup_dir.rstrip("/"), manifest
+
+
 def run_filter(config: FilterConfig) -> FilterSummary:
     """Apply the rules to every scored shard on the current Ray cluster; write kept keys and the report."""
 
     store = config.store
     scores_root, scores = open_per_shard(config.scores_dir, config.input_options, field="scores_dir",
                                          convert_to=CommitStore(f"{store.root}/_inputs/scores", store.options),
-                                         schema_id="scores@1")  # fmt: skip
+                                         schema_id=SCORES_IDS)  # fmt: skip
     shards = sorted(scores["shards"])
     if not shards:
         raise FileNotFoundError(f"scores_dir={config.scores_dir!r}: the scores hold no shards")
     first = shard_path(scores_root, shards[0])
     fs, local = fsspec.core.url_to_fs(first, **config.input_options)
-    schema = validate_table(pq.read_schema(fs.open(local, "rb")).empty_table(), "scores@1", source=first)
-    check_rules(pq.read_schema(fs.open(local, "rb")), config.rules)
+    schema = validate_table(pq.read_schema(fs.open(local, "rb")).empty_table(), SCORES_IDS, source=first)
+    available = pq.read_schema(fs.open(local, "rb"))
+    dedup_root, dedup = None, None
+    if config.dedup_dir is not None:
+        dedup_root, dedup = _dedup_input(config, shards)
+        available = pa.unify_schemas([available, DEDUP.arrow.remove(DEDUP.arrow.get_field_index(SOURCE))])
+    check_rules(available, config.rules)
     fingerprint = {"rules": [dataclasses.asdict(r) for r in config.rules], "scores": scores.get("fingerprint"),
-                   "scores_schema": schema.schema_id}  # fmt: skip
+                   "scores_schema": schema.schema_id, "dedup": dedup and dedup.get("fingerprint")}  # fmt: skip
     output = JobOutput(store, fingerprint, config.on_stale)
     todo = output.start(shards)
     new = {}
     if todo:
         task = ShardFilterConfig(scores_root=scores_root, storage_options=config.input_options, rules=config.rules,
-                                 store=store)  # fmt: skip
+                                 store=store, dedup_root=dedup_root)  # fmt: skip
         plan = Plan((SHARD_ID,), [PlannedStep(FilterShards, task, config.resources)])
         new = collect_records(plan, [{SHARD_ID: s} for s in todo], "filter", rejects=None)
     manifest = output.finish(new, shards, schema="kept_keys", layout=LAYOUT, scores_dir=config.scores_dir)
@@ -224,5 +259,9 @@ def run_filter(config: FilterConfig) -> FilterSummary:
                             {label: totals.get(f"failed:{label}", 0) for label in labels},
                             {label: totals.get(f"dropped:{label}", 0) for label in labels})  # fmt: skip
     report = {"rules": [r.__dict__ for r in config.rules], **summary.__dict__}
+    if config.dedup_dir is not None:
+        report["dropped_by_dedup_kind"] = {
+            k.split(":", 1)[1]: v for k, v in totals.items() if k.startswith("dropped_kind:")
+        }
     store.write_json("filter_report.json", report)
     return summary

@@ -1,4 +1,4 @@
-"""``cascade demo``: the seven jobs on the bundled photos, end to end on the session's local Ray."""
+"""``cascade demo``: the eight jobs on the bundled photos (three of them planted copies), end to end on the session's local Ray."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from jobs.demo import PHOTOS, RELEASED, SCORER_FILES, DemoConfig, demo_jobs
 
 def test_bundled_photos_have_captions_and_licences() -> None:
     photos = sorted(PHOTOS.glob("*.jpg"))
-    assert len(photos) == 9
+    assert len(photos) == 12  # 9 photos and 3 planted copies
     licences = {
         line.split("`")[1]: line
         for line in (PHOTOS / "README.md").read_text().splitlines()
@@ -32,8 +32,11 @@ def test_demo_runs_every_job_and_prints_where_outputs_are(ray_local, tmp_path, c
     assert main(["demo", "--output", str(out), "--steps", "6"]) == 0
     printed = capsys.readouterr().out
     assert "SEEDED RANDOM WEIGHTS" in printed and "random weights" in printed
-    for i, name in enumerate(("ingest", "score", "filter", "encode", "train-c", "export", "report"), 1):
-        assert f"[{i}/7] {name}" in printed
+    for i, name in enumerate(("ingest", "score", "dedup", "filter", "encode", "train-c", "export", "report"), 1):
+        assert f"[{i}/8] {name}" in printed
+    assert "3 duplicate(s): 1 exact, 2 perceptual" in printed
+    dropped = json.loads((out / "filtered" / "filter_report.json").read_text())["dropped_by_dedup_kind"]
+    assert dropped == {"exact": 1, "perceptual": 2}
     where = dict(
         line.split()[:2]
         for line in printed.split("outputs:")[1].strip().splitlines()

@@ -16,7 +16,7 @@ BLOCKS = re.findall(r"```yaml\n# ([\w-]+)\.yaml[^\n]*\n(.*?)```", README.read_te
 
 def test_every_job_has_an_example() -> None:
     names = {name.split("-urls")[0] for name, _ in BLOCKS}
-    assert names >= {"ingest", "score", "filter", "encode", "train-c", "train-b", "export", "report"}
+    assert names >= {"ingest", "score", "dedup", "filter", "encode", "train-c", "train-b", "export", "report"}
 
 
 @pytest.mark.parametrize(("name", "body"), BLOCKS, ids=[name for name, _ in BLOCKS])

@@ -1,0 +1,1 @@
+"""``cascade dedup``: exact, perceptual and semantic duplicates among scored samples."""

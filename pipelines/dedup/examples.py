@@ -1,0 +1,162 @@
+"""The dedup report page: counts per kind, the nearest-neighbour similarity histogram (to pick epsilon by eye),
+and a seeded sample of groups, each kept image beside its removed copies with their similarities.
+
+Finding the sample costs two Ray Data passes over the dedup tables' small columns (the removed rows of the
+sampled groups, then their kept rows) and one read of each shard that holds a sampled image: never a scan on
+the driver. Thumbnails are inlined, so ``dedup_report.html`` is one self-contained file.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from html import escape
+from typing import Any
+
+import numpy as np
+
+from pipelines.core.html import CSS, bars_svg
+from pipelines.core.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb
+from pipelines.core.sources import SourceConfig, read_shard
+from pipelines.dedup.steps import HIST_LOW, partition_of, resolve
+from schemas.columns import DEDUP_KIND, DEDUP_SIMILARITY, DUPLICATE_OF, IMAGE, KEY, SOURCE
+
+THUMB_PX = 160
+MAX_COPIES_SHOWN = 6
+
+
+def _pick(batch: dict[str, np.ndarray], keys: Any, seed: int, ranks: int) -> dict[str, np.ndarray]:
+    """Rows removed into a sampled group (seeded hash rank of the kept key below ``ranks``), or rows of ``keys``."""
+    if keys is not None:
+        wanted = resolve(keys)
+        keep = np.asarray([k in wanted for k in batch[KEY]], dtype=bool)
+    else:
+        dup = batch[DUPLICATE_OF]
+        keep = np.asarray([d is not None for d in dup], dtype=bool)
+        keep[keep] = partition_of([f"{seed}:{d}" for d in dup[keep]], 1 << 20) < ranks
+    return {c: v[keep] for c, v in batch.items()}
+
+
+def sample_groups(root: str, options: dict[str, Any], n_groups: int, seed: int, n_removed: int) -> list[dict]:
+    """Up to ``n_groups`` groups, chosen by a seeded hash of the kept key: ``{key, source, copies: [...]}``."""
+    import ray
+
+    if n_removed == 0:
+        return []
+    columns = [KEY, SOURCE, DUPLICATE_OF, DEDUP_KIND, DEDUP_SIMILARITY]
+    tables = ray.data.read_parquet(f"{root}/parquet", columns=columns, filesystem=_fs(root, options))
+    ranks = max(1, min(1 << 20, (1 << 20) * 4 * n_groups // n_removed))  # about 4 × n_groups removed rows
+    while True:  # widen the hash range until enough groups (large groups make fewer of them)
+        removed = _collect(tables.map_batches(_pick, fn_args=(None, seed, ranks), batch_format="numpy"))
+        if ranks >= 1 << 20 or len(set(removed.get(DUPLICATE_OF, ()))) >= n_groups:
+            break
+        ranks = min(1 << 20, ranks * 16)
+    kept_keys = sorted(
+        {str(d) for d in removed.get(DUPLICATE_OF, ())},
+        key=lambda k: (partition_of([f"{seed}:{k}"], 1 << 20)[0], k),
+    )
+    kept_keys = kept_keys[:n_groups]
+    kept = _collect(
+        tables.map_batches(_pick, fn_args=(ray.put(set(kept_keys)), seed, ranks), batch_format="numpy")
+    )
+    source = dict(zip(kept.get(KEY, ()), kept.get(SOURCE, ()), strict=True))
+    groups = []
+    for key in kept_keys:
+        rows = [i for i, d in enumerate(removed[DUPLICATE_OF]) if d == key]
+        rows.sort(key=lambda i: (-float(removed[DEDUP_SIMILARITY][i]), str(removed[KEY][i])))
+        copies = [{"key": str(removed[KEY][i]), "source": str(removed[SOURCE][i]), "kind": str(removed[DEDUP_KIND][i]),
+                   "similarity": float(removed[DEDUP_SIMILARITY][i])} for i in rows[:MAX_COPIES_SHOWN]]  # fmt: skip
+        groups.append(
+            {"key": key, "source": str(source.get(key, "")), "copies": copies, "n_copies": len(rows)}
+        )
+    return groups
+
+
+def _fs(root: str, options: dict[str, Any]) -> Any:
+    import fsspec
+
+    return fsspec.core.url_to_fs(root, **options)[0]
+
+
+def _collect(ds: Any) -> dict[str, np.ndarray]:
+    batches = [b for b in ds.iter_batches(batch_size=None, batch_format="numpy") if len(b[KEY])]
+    return {c: np.concatenate([b[c] for b in batches]) for c in batches[0]} if batches else {}
+
+
+def thumbnails(groups: list[dict], options: dict[str, Any]) -> dict[str, str]:
+    """key → inline JPEG thumbnail (data URI) of every image in ``groups``, one read per source shard."""
+    wanted: dict[str, set[str]] = {}
+    for group in groups:
+        for row in (group, *group["copies"]):
+            if row["source"]:
+                wanted.setdefault(row["source"], set()).add(row["key"])
+    out = {}
+    for source, keys in sorted(wanted.items()):
+        config = SourceConfig(
+            kind="webdataset", path=source.rsplit("/", 1)[0], endpoint_url=options.get("endpoint_url")
+        )
+        try:
+            batches = list(read_shard(config, {"shard_index": 0, "uris": [source]}))
+        except (OSError, ValueError):  # the shards moved or are gone: the page says "image not found"
+            continue
+        for batch in batches:
+            found = (
+                (str(k), _thumbnail(d)) for k, d in zip(batch[KEY], batch[IMAGE], strict=True) if k in keys
+            )
+            out |= {key: uri for key, uri in found if uri}
+    return out
+
+
+def _thumbnail(data: Any) -> str | None:
+    """An inline JPEG thumbnail (data URI) of encoded image bytes; None when they do not decode."""
+    from PIL import Image
+
+    try:
+        image = Image.fromarray(decode_rgb(bytes(data), max_pixels=PILLOW_MAX_PIXELS))
+    except (ImageError, TypeError):
+        return None
+    image.thumbnail((THUMB_PX, THUMB_PX))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure(key: str, caption: str, thumbs: dict[str, str]) -> str:
+    image = (f'<img src="{thumbs[key]}" alt="{escape(key)}">' if key in thumbs
+             else '<div class="missing">image not found</div>')  # fmt: skip
+    return f"<figure>{image}<figcaption><b>{escape(key)}</b><br>{caption}</figcaption></figure>"
+
+
+def render_dedup_html(report: dict[str, Any], groups: list[dict], thumbs: dict[str, str]) -> str:
+    """The whole page for a ``dedup_report.json`` dict and the sampled groups."""
+    totals, settings = report["totals"], report["settings"]
+    warn = ('<div class="warn"><b>Random weights.</b> The embeddings come from a scorer with seeded random '
+            "weights: semantic verdicts and similarities test the pipeline only.</div>"
+            if report.get("random_weights") else "")  # fmt: skip
+    cards = "".join(f'<div class="card">{escape(label)}<b>{totals.get(key, 0):,}</b></div>' for label, key in
+                    (("input", "n_input"), ("kept", "n_kept"), ("exact", "n_exact"), ("perceptual", "n_perceptual"),
+                     ("semantic", "n_semantic"), ("reference", "n_reference")))  # fmt: skip
+    counts = report["nn_histogram"]["counts"]
+    epsilon = settings["semantic"]["epsilon"]
+    marker = (1 - epsilon - HIST_LOW) / (1 - HIST_LOW) * (len(counts) - 1) / len(counts) + 1 / len(counts)
+    chart = (bars_svg(counts, f"< {HIST_LOW}", "1.0", f"nearest-neighbour cosine (n={sum(counts):,})", width=720,
+                      height=220, marker=marker if settings["semantic"]["enabled"] else None)
+             if sum(counts) else "<p>Semantic dedup was off: no similarities.</p>")  # fmt: skip
+    rows = "".join(
+        f'<div class="sample">{_figure(g["key"], "kept", thumbs)}'
+        + "".join(_figure(c["key"], f"{escape(c['kind'])} · {c['similarity']:.3f}", thumbs) for c in g["copies"])
+        + (f"<div class='meta'>+{g['n_copies'] - len(g['copies'])} more</div>" if g["n_copies"] > len(g["copies"]) else "")
+        + "</div>"
+        for g in groups
+    )  # fmt: skip
+    table = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v))}</td></tr>" for k, v in settings.items())
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Dedup report</title>"
+        f"<style>{CSS}.missing{{width:160px;height:100px;background:#eee}}</style></head><body><h1>Dedup report</h1>"
+        f"{warn}<div class='cards'>{cards}</div>"
+        f"<h2>Nearest-neighbour similarity</h2><p>The cosine of each row to its nearest neighbour in its k-means "
+        f"cluster; the dashed line is 1 − epsilon = {1 - epsilon:.3f}: rows right of it have a duplicate.</p>{chart}"
+        f"<h2>Example groups ({len(groups)}, seeded)</h2><p>The kept image first, then its removed copies with "
+        f"their kind and similarity.</p>{rows or '<p>No duplicates.</p>'}"
+        f"<h2>Settings</h2><table>{table}</table></body></html>"
+    )
