@@ -1,9 +1,9 @@
 """The dedup report page: counts per kind, the nearest-neighbour similarity histogram (to pick epsilon by eye),
 and a seeded sample of groups, each kept image beside its removed copies with their similarities.
 
-Finding the sample costs two Ray Data passes over the dedup tables' small columns (the removed rows of the
-sampled groups, then their kept rows) and one read of each shard that holds a sampled image: never a scan on
-the driver. Thumbnails are inlined, so ``dedup_report.html`` is one self-contained file.
+Finding the sample costs one Ray Data pass over the dedup tables' small columns (the rows of the groups whose
+kept key has the smallest seeded hashes: usually one pass, more only when groups are few and large) and one
+read of each shard that holds a sampled image: never a scan on the driver. Thumbnails are inlined, so ``dedup_report.html`` is one self-contained file.
 """
 
 from __future__ import annotations
@@ -18,22 +18,20 @@ import numpy as np
 from pipelines.core.html import CSS, bars_svg
 from pipelines.core.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb
 from pipelines.core.sources import SourceConfig, read_shard
-from pipelines.dedup.steps import HIST_LOW, partition_of, resolve
+from pipelines.dedup.steps import HIST_LOW, partition_of
 from schemas.columns import DEDUP_KIND, DEDUP_SIMILARITY, DUPLICATE_OF, IMAGE, KEY, SOURCE
 
 THUMB_PX = 160
 MAX_COPIES_SHOWN = 6
 
 
-def _pick(batch: dict[str, np.ndarray], keys: Any, seed: int, ranks: int) -> dict[str, np.ndarray]:
-    """Rows removed into a sampled group (seeded hash rank of the kept key below ``ranks``), or rows of ``keys``."""
-    if keys is not None:
-        wanted = resolve(keys)
-        keep = np.asarray([k in wanted for k in batch[KEY]], dtype=bool)
-    else:
-        dup = batch[DUPLICATE_OF]
-        keep = np.asarray([d is not None for d in dup], dtype=bool)
-        keep[keep] = partition_of([f"{seed}:{d}" for d in dup[keep]], 1 << 20) < ranks
+def _pick(batch: dict[str, np.ndarray], seed: int, ranks: int) -> dict[str, np.ndarray]:
+    """The rows of groups whose kept key has a seeded hash rank below ``ranks``: removed rows by their
+    ``duplicate_of``, kept rows by their own key (one pass finds both)."""
+    group = np.asarray(
+        [d if d is not None else k for k, d in zip(batch[KEY], batch[DUPLICATE_OF], strict=True)]
+    )
+    keep = partition_of([f"{seed}:{g}" for g in group], 1 << 20) < ranks
     return {c: v[keep] for c, v in batch.items()}
 
 
@@ -47,27 +45,25 @@ def sample_groups(root: str, options: dict[str, Any], n_groups: int, seed: int, 
     tables = ray.data.read_parquet(f"{root}/parquet", columns=columns, filesystem=_fs(root, options))
     ranks = max(1, min(1 << 20, (1 << 20) * 4 * n_groups // n_removed))  # about 4 × n_groups removed rows
     while True:  # widen the hash range until enough groups (large groups make fewer of them)
-        removed = _collect(tables.map_batches(_pick, fn_args=(None, seed, ranks), batch_format="numpy"))
-        if ranks >= 1 << 20 or len(set(removed.get(DUPLICATE_OF, ()))) >= n_groups:
+        rows = _collect(tables.map_batches(_pick, fn_args=(seed, ranks), batch_format="numpy"))
+        dups = rows.get(DUPLICATE_OF, np.zeros(0, dtype=object))
+        if ranks >= 1 << 20 or len({d for d in dups if d is not None}) >= n_groups:
             break
         ranks = min(1 << 20, ranks * 16)
-    kept_keys = sorted(
-        {str(d) for d in removed.get(DUPLICATE_OF, ())},
-        key=lambda k: (partition_of([f"{seed}:{k}"], 1 << 20)[0], k),
-    )
-    kept_keys = kept_keys[:n_groups]
-    kept = _collect(
-        tables.map_batches(_pick, fn_args=(ray.put(set(kept_keys)), seed, ranks), batch_format="numpy")
-    )
+    is_removed = np.asarray([d is not None for d in dups], dtype=bool)
+    removed = {c: v[is_removed] for c, v in rows.items()}
+    kept = {c: v[~is_removed] for c, v in rows.items()}
+    kept_keys = sorted({str(d) for d in removed.get(DUPLICATE_OF, ())},
+                       key=lambda k: (partition_of([f"{seed}:{k}"], 1 << 20)[0], k))[:n_groups]  # fmt: skip
     source = dict(zip(kept.get(KEY, ()), kept.get(SOURCE, ()), strict=True))
     groups = []
     for key in kept_keys:
-        rows = [i for i, d in enumerate(removed[DUPLICATE_OF]) if d == key]
-        rows.sort(key=lambda i: (-float(removed[DEDUP_SIMILARITY][i]), str(removed[KEY][i])))
+        members = [i for i, d in enumerate(removed[DUPLICATE_OF]) if d == key]
+        members.sort(key=lambda i: (-float(removed[DEDUP_SIMILARITY][i]), str(removed[KEY][i])))
         copies = [{"key": str(removed[KEY][i]), "source": str(removed[SOURCE][i]), "kind": str(removed[DEDUP_KIND][i]),
-                   "similarity": float(removed[DEDUP_SIMILARITY][i])} for i in rows[:MAX_COPIES_SHOWN]]  # fmt: skip
+                   "similarity": float(removed[DEDUP_SIMILARITY][i])} for i in members[:MAX_COPIES_SHOWN]]  # fmt: skip
         groups.append(
-            {"key": key, "source": str(source.get(key, "")), "copies": copies, "n_copies": len(rows)}
+            {"key": key, "source": str(source.get(key, "")), "copies": copies, "n_copies": len(members)}
         )
     return groups
 
@@ -152,7 +148,8 @@ def render_dedup_html(report: dict[str, Any], groups: list[dict], thumbs: dict[s
     table = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v))}</td></tr>" for k, v in settings.items())
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Dedup report</title>"
-        f"<style>{CSS}.missing{{width:160px;height:100px;background:#eee}}</style></head><body><h1>Dedup report</h1>"
+        f"<style>{CSS}.sample{{flex-wrap:wrap}}.missing{{width:160px;height:100px;background:#eee}}</style>"
+        "</head><body><h1>Dedup report</h1>"
         f"{warn}<div class='cards'>{cards}</div>"
         f"<h2>Nearest-neighbour similarity</h2><p>The cosine of each row to its nearest neighbour in its k-means "
         f"cluster; the dashed line is 1 − epsilon = {1 - epsilon:.3f}: rows right of it have a duplicate.</p>{chart}"

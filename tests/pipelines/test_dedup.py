@@ -21,6 +21,7 @@ from pipelines.dedup.pipeline import DedupConfig, PerceptualConfig, ReferenceCon
 from pipelines.filter.pipeline import FilterConfig, Rule, run_filter
 from pipelines.ingest.existing import IngestConfig, run_ingest
 from pipelines.score.pipeline import ScoreConfig, ScorerConfig, run_score
+from tests.browser import open_page
 from tests.faults.test_driver_kill import cascade, kill_when, rerun
 from tests.pipelines.planted import measure, planted
 
@@ -73,6 +74,9 @@ def test_planted_copies_of_real_photos_exact_and_perceptual(photos_scored) -> No
     assert (
         "Random weights" in html and "Semantic dedup was off" in html and "Example groups (8, seeded)" in html
     )
+    page = open_page(root / "dedup" / "dedup_report.html", root / "dedup_report.png")
+    assert len(page.images) >= 16 and all(i["width"] > 0 for i in page.images)  # every thumbnail renders
+    assert "exact · 1.000" in page.text and "perceptual · " in page.text
     scores = pq.read_table(root / "scores" / "parquet", columns=["key", "image_sha256", "phash"]).to_pylist()
     assert len({r["image_sha256"] for r in scores}) == 153 - 17  # the exact copies share their bytes' sha256
 
