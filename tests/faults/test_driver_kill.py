@@ -99,6 +99,7 @@ def test_ingest_then_score_killed_and_rerun_write_every_key_once(source, tmp_pat
     assert len(filtered) == len(set(filtered)) and set(filtered) == expected - {"s0_chelsea", "s1_rocket"}
 
 
+@pytest.mark.slow  # 56 s; the default run kills dedup's driver (tests/pipelines/test_dedup.py), same commit path
 @pytest.mark.timeout(300)
 def test_export_killed_and_rerun_lists_every_row_once(tmp_path) -> None:
     """A cache at the released tensor shapes (large enough for the export to take seconds), exported in

@@ -224,7 +224,14 @@ def test_lora_trains_on_a_frozen_stage_c_and_round_trips(cache, trained_generato
     assert set(fresh.state_dict()) == set(base.state_dict()), "merged: the official keys again"
 
 
-@pytest.mark.parametrize("kind", ["canny", "inpainting", "super_resolution"])
+@pytest.mark.parametrize(
+    "kind",  # inpainting by default; the other two controls (20 s each) with -m slow
+    [
+        pytest.param("canny", marks=pytest.mark.slow),
+        "inpainting",
+        pytest.param("super_resolution", marks=pytest.mark.slow),
+    ],
+)
 def test_controlnet_trains_only_its_parameters(cache, trained_generator, tmp_path, kind) -> None:
     from stages.weights import read_safetensors
 

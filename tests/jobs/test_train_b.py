@@ -109,6 +109,7 @@ def one_worker_run(cache, tmp_path_factory):
     return config, run_train(config)
 
 
+@pytest.mark.slow  # 80 s; Stage C's two-worker equivalence (tests/jobs/test_train.py) runs by default
 def test_two_workers_match_one_worker_with_doubled_accumulation(cache, one_worker_run, tmp_path) -> None:
     s1, s2 = two_workers_match(*one_worker_run, tmp_path)
     assert (s1["mode"], s1["world_size"], s2["world_size"]) == ("stage_b", 1, 2)
