@@ -373,10 +373,10 @@ def find_duplicates(
         ).materialize()
     if config.exact:
         exact = find_exact(config, small, parts)
-        notice(f"dedup: exact: {len(exact)} copies")
+        notice(f"dedup: exact copies: {len(exact)}")
     if config.perceptual.enabled:
         perceptual, stats["n_capped_buckets"] = find_perceptual(config, small, parts, set(exact))
-        notice(f"dedup: perceptual: {len(perceptual)} near-copies")
+        notice(f"dedup: perceptual near-copies: {len(perceptual)}")
     verdicts = steps.Verdicts(exact=exact, perceptual=perceptual, final={})
     rows, later = small, {}
     if config.semantic.enabled:
