@@ -18,7 +18,7 @@ import numpy as np
 from pipelines.core.html import CSS, bars_svg
 from pipelines.core.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb
 from pipelines.core.sources import SourceConfig, read_shard
-from pipelines.dedup.steps import HIST_LOW, partition_of
+from pipelines.dedup.steps import HIST_LOW, collect, partition_of
 from schemas.columns import DEDUP_KIND, DEDUP_SIMILARITY, DUPLICATE_OF, IMAGE, KEY, SOURCE
 
 THUMB_PX = 160
@@ -45,7 +45,7 @@ def sample_groups(root: str, options: dict[str, Any], n_groups: int, seed: int, 
     tables = ray.data.read_parquet(f"{root}/parquet", columns=columns, filesystem=_fs(root, options))
     ranks = max(1, min(1 << 20, (1 << 20) * 4 * n_groups // n_removed))  # about 4 × n_groups removed rows
     while True:  # widen the hash range until enough groups (large groups make fewer of them)
-        rows = _collect(tables.map_batches(_pick, fn_args=(seed, ranks), batch_format="numpy"))
+        rows = collect(tables.map_batches(_pick, fn_args=(seed, ranks), batch_format="numpy"))
         dups = rows.get(DUPLICATE_OF, np.zeros(0, dtype=object))
         if ranks >= 1 << 20 or len({d for d in dups if d is not None}) >= n_groups:
             break
@@ -72,11 +72,6 @@ def _fs(root: str, options: dict[str, Any]) -> Any:
     import fsspec
 
     return fsspec.core.url_to_fs(root, **options)[0]
-
-
-def _collect(ds: Any) -> dict[str, np.ndarray]:
-    batches = [b for b in ds.iter_batches(batch_size=None, batch_format="numpy") if len(b[KEY])]
-    return {c: np.concatenate([b[c] for b in batches]) for c in batches[0]} if batches else {}
 
 
 def thumbnails(groups: list[dict], options: dict[str, Any]) -> dict[str, str]:

@@ -226,16 +226,9 @@ def _grouped(ds: Any, key: str, parts: int, step: Any, resources: Resources, con
     )
 
 
-def _rows(ds: Any) -> dict[str, np.ndarray]:
-    """A small dataset's rows, collected on the driver as columns."""
-    batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    batches = [b for b in batches if b and len(next(iter(b.values())))]
-    return {c: np.concatenate([b[c] for b in batches]) for c in batches[0]} if batches else {}
-
-
 def find_exact(config: DedupConfig, small: Any, parts: int) -> dict[str, tuple[str, float]]:
     """Exact verdicts: removed key → (representative, 1.0)."""
-    rows = _rows(_grouped(small, steps.PART, parts, steps.ExactPart, config.group_resources))
+    rows = steps.collect(_grouped(small, steps.PART, parts, steps.ExactPart, config.group_resources))
     return {
         str(k): (str(d), 1.0) for k, d in zip(rows.get(KEY, ()), rows.get("duplicate_of", ()), strict=True)
     }
@@ -251,7 +244,7 @@ def find_perceptual(
     band = steps.BandConfig(bands=cfg.bands, parts=parts, dead=ray.put(dead))
     bands = small.map_batches(steps.run, fn_args=(steps.ExplodeBands, band), batch_size=65536,
                               **_tasks(config.group_resources))  # fmt: skip
-    pairs = _rows(_grouped(bands, steps.PART, parts, steps.BucketPairs, config.group_resources,
+    pairs = steps.collect(_grouped(bands, steps.PART, parts, steps.BucketPairs, config.group_resources,
                            steps.PairConfig(max_distance=cfg.max_distance, max_bucket_rows=cfg.max_bucket_rows)))  # fmt: skip
     if not pairs:
         return {}, 0
@@ -281,7 +274,7 @@ def sample_embeddings(inputs: Inputs, cfg: SemanticConfig, resources: Resources)
     rng = np.random.default_rng(cfg.seed)
     order = [inputs.shards[i] for i in rng.permutation(len(inputs.shards))]
     picked = order[: max(1, math.ceil(len(order) * min(1.0, 2 * want / max(1, inputs.n_rows))))]
-    rows = _rows(_read(inputs, picked, resources, columns=(KEY, CLIP_IMAGE_EMBEDS)))
+    rows = steps.collect(_read(inputs, picked, resources, columns=(KEY, CLIP_IMAGE_EMBEDS)))
     if not rows:
         raise ValueError("the scores hold no rows to fit k-means on")
     keys = rows[KEY].astype(str)
@@ -382,7 +375,7 @@ def find_duplicates(
     if config.semantic.enabled:
         rows, stats["n_clusters"] = _semantic(config, inputs, reference, set(exact) | set(perceptual))
         reps = ray.put({v[0] for v in (*exact.values(), *perceptual.values())})
-        found = _rows(rows.map_batches(_removed_reps, fn_args=(reps,), batch_format="numpy"))
+        found = steps.collect(rows.map_batches(_removed_reps, fn_args=(reps,), batch_format="numpy"))
         later = {str(k): str(r or s) for k, r, s in zip(found.get(KEY, ()), found.get("reference_of", ()),
                                                         found.get("semantic_of", ()), strict=True)}  # fmt: skip
     verdicts = dataclasses.replace(verdicts, final=resolve_final(verdicts, later))

@@ -63,6 +63,14 @@ def resolve(value: Any) -> Any:
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
+def collect(ds: Any) -> Batch:
+    """A small Ray dataset's rows, gathered on the driver as columns ({} when it has none)."""
+    batches = [
+        b for b in ds.iter_batches(batch_size=None, batch_format="numpy") if b and len(next(iter(b.values())))
+    ]
+    return {c: np.concatenate([b[c] for b in batches]) for c in batches[0]} if batches else {}
+
+
 def partition_of(values: Sequence[Any], parts: int) -> np.ndarray:
     """A stable partition number per value (crc32 of its text: the same on every worker and run)."""
     return np.asarray([zlib.crc32(str(v).encode()) % parts for v in values], dtype=np.int64)
