@@ -48,6 +48,7 @@ from schemas import DEDUP, SCORES_IDS, FileMetadata, validate_table
 from schemas.columns import AESTHETIC_SCORE, CLIP_IMAGE_EMBEDS, IMAGE_SHA256, KEY, PHASH, SOURCE
 
 REPORT, REPORT_HTML = "dedup_report.json", "dedup_report.html"
+STATS = f"{COMMITS}/_dedup_stats.json"  # the run's global numbers (clusters, cut buckets), kept for reruns
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,10 +347,6 @@ def resolve_final(verdicts: steps.Verdicts, later: dict[str, str]) -> dict[str, 
     return final
 
 
-def _stats_path() -> str:
-    return f"{COMMITS}/_dedup_stats.json"
-
-
 def find_duplicates(
     config: DedupConfig, inputs: Inputs, reference: Inputs | None
 ) -> tuple[Any, steps.Verdicts, dict[str, Any]]:
@@ -439,11 +436,11 @@ def run_dedup(config: DedupConfig) -> DedupSummary:
     }
     output = JobOutput(store, fingerprint, config.on_stale)
     todo = output.start(inputs.shards)
-    stats = store.read_json(_stats_path()) or {}
+    stats = store.read_json(STATS) or {}
     new = {}
     if todo:
         rows, verdicts, stats = find_duplicates(config, inputs, reference)
-        store.write_json(_stats_path(), stats)
+        store.write_json(STATS, stats)
         meta = FileMetadata(schema_id=DEDUP.id, encoder_flavors=inputs.metadata.encoder_flavors,
                             random_weights=inputs.metadata.made_by_random_weights)  # fmt: skip
         new = write_shards(config, rows, verdicts, todo, meta)
