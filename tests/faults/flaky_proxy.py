@@ -67,6 +67,11 @@ class FlakyProxy:
         for s in conns:
             with contextlib.suppress(OSError):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+                # close() alone does not wake a pump blocked in recv() on this socket, and the socket stays open
+                # until that recv returns: a client then waits out its read timeout (60 s per try) instead of
+                # seeing the server go away. shutdown() wakes the pumps at once.
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
                 s.close()
         self.dropped += len(conns) // 2
         time.sleep(seconds)
