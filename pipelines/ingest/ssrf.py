@@ -6,9 +6,9 @@ unspecified or otherwise not globally routable. IPv4-mapped IPv6 addresses (``::
 as the IPv4 address they carry. Hosts named in ``UrlPolicy.allow_hosts`` skip resolution; addresses inside
 ``UrlPolicy.allow_networks`` are accepted (tests on 127.0.0.1, intranets).
 
-Limits: the check happens before the download (check-then-fetch). A DNS answer that changes between the
-check and the fetch (DNS rebinding) or an HTTP redirect to an internal address is not caught here; the
-downloader follows redirects. Pure Python, no Ray.
+``check_urls`` refuses a list's bad URLs before any download; ``check_host`` is the same judgement at connect
+time, and gives the checked addresses to connect to: ``pipelines.ingest.fetch`` applies it to every hop,
+redirects included, and pins the connection to those addresses (no DNS rebinding). Pure Python, no Ray.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def check_url(url: str, policy: UrlPolicy) -> str | None:
 
     Every address the host resolves to (``socket.getaddrinfo``) must be acceptable, not just the first.
     """
-    host, refusal = _split(url, policy)
+    host, refusal = split_url(url, policy)
     if refusal is not None or host is None:
         return refusal
     return _check_host(host, policy)
@@ -73,7 +73,7 @@ def check_url(url: str, policy: UrlPolicy) -> str | None:
 
 def check_urls(urls: Sequence[str | None], policy: UrlPolicy, *, threads: int = 32) -> list[str | None]:
     """``check_url`` for many URLs: each distinct host is resolved once, ``threads`` lookups at a time."""
-    parsed = [_split(url, policy) for url in urls]
+    parsed = [split_url(url, policy) for url in urls]
     hosts = sorted({host for host, refusal in parsed if refusal is None and host is not None})
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(hosts) or 1))) as pool:
         verdicts = dict(zip(hosts, pool.map(lambda h: _check_host(h, policy), hosts), strict=True))
@@ -101,7 +101,7 @@ def classify_address(address: IpAddress) -> str | None:
     return None
 
 
-def _split(url: str | None, policy: UrlPolicy) -> tuple[str | None, str | None]:
+def split_url(url: str | None, policy: UrlPolicy) -> tuple[str | None, str | None]:
     """(normalised host, None) for a URL worth resolving, else (None, refusal reason)."""
     if not isinstance(url, str) or not url.strip():
         return None, "missing url"
@@ -122,23 +122,31 @@ def _normalise_host(host: str) -> str:
 
 
 def _check_host(host: str, policy: UrlPolicy) -> str | None:
-    if host in policy.allow_hosts:
-        return None
+    return None if host in policy.allow_hosts else check_host(host, policy)[1]
+
+
+def check_host(host: str, policy: UrlPolicy) -> tuple[list[str], str | None]:
+    """(the addresses of ``host`` to connect to, None), or ([], why it is refused).
+
+    The host is resolved once; every address must be acceptable. A host in ``allow_hosts`` is resolved too
+    (a connection needs an address) but its addresses are not judged.
+    """
     addresses = _resolve(host)
     if not addresses:
-        return f"unresolvable host {host!r}"
-    networks = policy.networks
-    for address in addresses:
-        kind = classify_address(address)
-        if kind is None or any(address in net for net in networks if net.version == address.version):
-            continue
-        mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
-        if mapped is not None and any(mapped in net for net in networks if net.version == 4):
-            continue
-        shown = f"::ffff:{mapped}" if mapped is not None else str(address)
-        suffix = " (cloud metadata)" if _is_metadata_range(address) else ""
-        return f"host resolves to {kind} address {shown}{suffix}"
-    return None
+        return [], f"unresolvable host {host!r}"
+    if host not in policy.allow_hosts:
+        networks = policy.networks
+        for address in addresses:
+            kind = classify_address(address)
+            if kind is None or any(address in net for net in networks if net.version == address.version):
+                continue
+            mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+            if mapped is not None and any(mapped in net for net in networks if net.version == 4):
+                continue
+            shown = f"::ffff:{mapped}" if mapped is not None else str(address)
+            suffix = " (cloud metadata)" if _is_metadata_range(address) else ""
+            return [], f"host resolves to {kind} address {shown}{suffix}"
+    return [str(a) for a in addresses], None
 
 
 def _is_metadata_range(address: IpAddress) -> bool:

@@ -1,7 +1,8 @@
 """Ingest URL lists into WebDataset shards in img2dataset's layout, optionally distributed over Ray.
 
 ``ingest_urls(config)`` reads a URL list (parquet, csv, tsv or jsonl with a url and a caption column), refuses
-URLs the SSRF guard (``pipelines.ingest.ssrf``) rejects, downloads the rest with ``img2dataset.download`` and turns
+URLs the SSRF guard (``pipelines.ingest.ssrf``) rejects, downloads the rest with img2dataset's downloader
+(``pipelines.ingest.download``), every hop checked, pinned and capped by ``pipelines.ingest.fetch``, and turns
 every row that did not become a sample into a reject, so ``n_success + n_rejected == n_input``.
 
 Output (img2dataset's layout): ``NNNNN.tar`` with ``key.jpg``, ``key.txt``, ``key.json``; ``NNNNN.parquet``
@@ -16,11 +17,10 @@ reads that shard's status file, stages its rejects and commits it with its count
 shard. ``manifest.json`` is written last. A rerun skips committed shards (img2dataset's incremental mode
 skips complete ones); another list or other download settings are refused (``_commits/_fingerprint.json``).
 
-How img2dataset runs on Ray (1.47.0): ``distributor="ray"`` submits one Ray task per shard
-(``num_cpus=1``, ``thread_count`` download threads each) to the Ray instance this process is connected to,
-so Ray must be initialised first. It ignores ``processes_count`` and ``max_shard_retry`` and discards each
-shard's status: a shard that crashes is neither retried nor reported. Here a shard counts only once its
-``_stats.json`` exists; rows of other shards become rejects with reason "shard failed". Workers write to
+How the download runs: ``distributor="ray"`` submits one Ray task per shard (``num_cpus=1``,
+``thread_count`` download threads each) to the Ray instance this process is connected to, so Ray must be
+initialised first; ``"multiprocessing"`` uses ``processes_count`` spawned processes. A shard counts only once
+its ``_stats.json`` exists; rows of other shards become rejects with reason "shard failed". Workers write to
 ``output_dir`` directly and read the driver-written ``output_dir/_tmp`` shards, so on a multi-node cluster
 ``output_dir`` must be shared storage (an fsspec URL such as ``s3://`` or a shared file system).
 """
@@ -34,9 +34,7 @@ import json
 import math
 import os
 import re
-import signal
 import tempfile
-import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -52,7 +50,10 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipelines.core.commits import COMMIT_CPUS, REJECTS, STAGING, CommitStore, totals
+from pipelines.core.images import PILLOW_MAX_PIXELS
 from pipelines.core.progress import Progress, polling
+from pipelines.ingest.download import download_shards
+from pipelines.ingest.fetch import FetchPolicy, parse_refusal
 from pipelines.ingest.ssrf import UrlPolicy, check_urls
 
 STEP = "ingest"
@@ -101,7 +102,11 @@ class UrlIngestConfig:
             already in ``encode_format`` (with ``resize_mode="no"`` JPEG originals stay byte-identical).
         encode_format: format of re-encoded images ("jpg", "png", "webp").
         encode_quality: JPEG/WebP quality 0–100, PNG compression 0–9.
-        timeout_s: per-request timeout.
+        timeout_s: socket timeout of each connect, read and write.
+        deadline_s: total time per URL, redirects and the whole body included (a slow-drip server is cut off).
+        max_redirects: redirects followed per URL; each target is checked like the first URL.
+        max_response_bytes: body bytes read per URL (reading stops there; a gzip body is inflated up to it).
+        max_pixels: refuse an image whose header claims more pixels, before it is decoded.
         retries: extra attempts per URL after a failed download.
         thread_count: download threads per shard task/process.
         processes_count: processes for the multiprocessing distributor (None: all CPUs).
@@ -109,7 +114,7 @@ class UrlIngestConfig:
         distributor: "ray" (needs an initialised Ray) or "multiprocessing".
         incremental_mode: "incremental" skips shards already complete in ``output_dir``; "overwrite"
             deletes ``output_dir`` first.
-        url_policy: SSRF guard; the default refuses internal addresses.
+        url_policy: SSRF guard, applied to every hop at connect time; the default refuses internal addresses.
         dns_threads: concurrent DNS lookups for the guard.
     """
 
@@ -126,6 +131,10 @@ class UrlIngestConfig:
     encode_format: str = "jpg"
     encode_quality: int = 95
     timeout_s: float = 10.0
+    deadline_s: float = 60.0
+    max_redirects: int = 5
+    max_response_bytes: int = 32 * 2**20
+    max_pixels: int = PILLOW_MAX_PIXELS
     retries: int = 0
     thread_count: int = 64
     processes_count: int | None = None
@@ -174,11 +183,19 @@ class UrlIngestConfig:
     def _check_download_options(self) -> None:
         _check_choice("distributor", self.distributor, DISTRIBUTORS)
         _check_choice("incremental_mode", self.incremental_mode, INCREMENTAL_MODES)
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s={self.timeout_s} must be > 0")
-        if self.retries < 0:
-            raise ValueError(f"retries={self.retries} must be >= 0")
-        for name in ("thread_count", "number_sample_per_shard", "dns_threads"):
+        for name in ("timeout_s", "deadline_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("retries", "max_redirects"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in (
+            "thread_count",
+            "number_sample_per_shard",
+            "dns_threads",
+            "max_response_bytes",
+            "max_pixels",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.processes_count is not None and self.processes_count < 1:
@@ -189,6 +206,12 @@ class UrlIngestConfig:
                 "(one Ray task per shard, as many at once as the cluster has CPUs)",
                 stacklevel=3,
             )
+
+    @property
+    def fetch_policy(self) -> FetchPolicy:
+        """What each download may do (``pipelines.ingest.fetch``)."""
+        return FetchPolicy(urls=self.url_policy, max_redirects=self.max_redirects, max_bytes=self.max_response_bytes,
+                           max_pixels=self.max_pixels, deadline_s=self.deadline_s)  # fmt: skip
 
     @property
     def resolved_input_format(self) -> str:
@@ -218,10 +241,6 @@ class IngestResult:
 
 def ingest_urls(config: UrlIngestConfig) -> IngestResult:
     """Download ``config.input_path`` into WebDataset shards in ``config.output_dir``; see the module doc."""
-    if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError(
-            "img2dataset.download installs a signal handler: call ingest_urls from the main thread"
-        )
     if config.distributor == "ray":
         _require_ray()
     table = read_url_list(config)
@@ -253,7 +272,7 @@ def ingest_urls(config: UrlIngestConfig) -> IngestResult:
     todo = [s for s in shard_ids if s not in committed]
     if todo:
         with _watch_shards(store, todo):
-            _run_img2dataset(config, allowed)  # incremental: img2dataset skips the shards it completed before
+            _download(config, allowed)  # incremental: shards completed before are skipped
     rows = {s: allowed.slice(int(s) * n, n).select([ROW_INDEX, "url"]).to_pylist() for s in todo}
     new = _commit_shards(store, rows)
     failed = tuple(s for s in todo if new.get(s) is None)
@@ -368,6 +387,8 @@ def read_url_list(config: UrlIngestConfig) -> pa.Table:
 def short_reason(status: str, error_message: str | None) -> str:
     """A short, groupable reason ("http 404", "timeout", "not an image", ...) for an img2dataset failure."""
     message = (error_message or "").strip()
+    if refused := parse_refusal(message):
+        return refused
     low = message.lower()
     if http := re.search(r"http error (\d{3})", low):
         return f"http {http.group(1)}"
@@ -439,39 +460,10 @@ def _watch_shards(store: CommitStore, todo: list[str], every_s: float = 30.0) ->
         yield
 
 
-def _run_img2dataset(config: UrlIngestConfig, allowed: pa.Table) -> None:
-    """Run img2dataset on the allowed rows (its SIGINT handler is removed again afterwards)."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    import img2dataset
-
+def _download(config: UrlIngestConfig, allowed: pa.Table) -> None:
+    """Download the allowed rows through img2dataset's downloader, every request checked (its SIGINT handler
+    is removed again afterwards)."""
     with tempfile.TemporaryDirectory(prefix="ingest_urls_") as tmp:
         list_path = os.path.join(tmp, "urls.parquet")
         pq.write_table(allowed, list_path)
-        sigint = signal.getsignal(signal.SIGINT)
-        try:
-            img2dataset.download(
-                url_list=list_path,
-                input_format="parquet",
-                url_col="url",
-                caption_col="caption" if config.caption_col is not None else None,
-                save_additional_columns=[*config.additional_cols, ROW_INDEX],
-                output_folder=config.output_dir,
-                output_format="webdataset",
-                image_size=config.image_size_px or 256,
-                resize_mode=config.resize_mode,
-                resize_only_if_bigger=config.resize_only_if_bigger,
-                skip_reencode=config.skip_reencode,
-                encode_format=config.encode_format,
-                encode_quality=config.encode_quality,
-                timeout=config.timeout_s,
-                retries=config.retries,
-                thread_count=config.thread_count,
-                processes_count=config.processes_count or os.cpu_count() or 1,
-                number_sample_per_shard=config.number_sample_per_shard,
-                oom_shard_count=OOM_SHARD_COUNT,
-                distributor=config.distributor,
-                incremental_mode="incremental",  # "overwrite" was applied by ingest_urls
-                enable_wandb=False,
-            )
-        finally:
-            signal.signal(signal.SIGINT, sigint)
+        download_shards(config, list_path, [*config.additional_cols, ROW_INDEX], OOM_SHARD_COUNT)

@@ -18,6 +18,7 @@ from PIL import Image
 from pipelines.core.shards import STATUS_SCHEMA, shard_files
 from pipelines.ingest.ssrf import UrlPolicy
 from pipelines.ingest.urls import REJECTS_SCHEMA, UrlIngestConfig, ingest_urls, read_url_list, short_reason
+from tests.pipelines.hostile_http import Site, body, endless, gzip_bomb, photo, png_claiming, redirect
 from tests.pipelines.http_server import PhotoServer, photos
 
 LAION = Path(__file__).resolve().parents[1] / "data" / "laion_urls_200.parquet"
@@ -91,11 +92,11 @@ def test_ingest_on_ray_keeps_originals_and_rejects_every_failure(
     table = pq.read_table(out / "rejects")
     rejects = table.to_pylist()
     reasons = {r["row_index"]: r["reason"] for r in rejects}
-    # img2dataset decodes with OpenCV: an HTML page fails there as "image decoding error"
-    assert reasons == {i: "http 404" for i in NOT_FOUND} | {i: "image decoding error" for i in HTML} | {
+    # an HTML page is refused by its Content-Type before anything decodes it
+    assert reasons == {i: "http 404" for i in NOT_FOUND} | {i: "wrong content type" for i in HTML} | {
         i: "timeout" for i in HANG
     }
-    assert result.reject_reasons == {"http 404": 4, "image decoding error": 3, "timeout": 2}
+    assert result.reject_reasons == {"http 404": 4, "wrong content type": 3, "timeout": 2}
     assert all(r["step"] == "ingest" and r["key"] and r["detail"] for r in rejects)
     assert table.schema.remove_metadata().equals(REJECTS_SCHEMA)
 
@@ -179,6 +180,42 @@ def test_default_policy_refuses_loopback_before_any_request(server, url_list, tm
     assert rejects["row_index"].to_pylist() == list(range(N_ROWS))
     assert sum(server.requests.values()) == requests_before
     assert sorted(p.name for p in out.iterdir()) == ["_commits", "manifest.json", "rejects"]
+
+
+def test_hostile_answers_become_rejects_and_nothing_internal_is_fetched(ray_local, tmp_path):
+    """The issue's reproduction and its relatives, through ingest on Ray: the checked opener runs in the
+    download workers. 127.0.0.2 is allowed; 127.0.0.3 stands in for the metadata address."""
+    with Site("127.0.0.2") as public, Site("127.0.0.3") as internal:
+        secret = internal.route("/latest/meta-data/iam.jpg", photo(1))
+        public.route("/loop/b", redirect(public.url("/loop/a")))
+        cases = {
+            public.route("/ok.jpg", photo(0)): None,
+            public.route("/moved.jpg", redirect(public.url("/ok.jpg"))): None,
+            public.route("/iam.jpg", redirect(secret)): "redirect to a refused address",
+            public.route("/file.jpg", redirect("file:///etc/passwd")): "redirect to a refused address",
+            public.route("/loop/a", redirect(public.url("/loop/b"))): "redirect loop",
+            public.route("/endless.jpg", endless(public)): "response larger than the byte cap",
+            public.route("/bomb.jpg", body(gzip_bomb(), Content_Encoding="gzip")): "response larger than the byte cap",
+            public.route("/pixels.png", body(png_claiming(100_000, 100_000), "image/png")): "image larger than max_pixels",
+            public.route("/drip.jpg", endless(public, b"\xff" * 16, delay_s=0.05)): "download deadline exceeded",
+            public.route("/page", body(b"<html></html>", "text/html")): "wrong content type",
+            "http://169.254.169.254/latest/meta-data/iam/": "host resolves to link-local address 169.254.169.254 (cloud metadata)",
+        }  # fmt: skip
+        url_list = tmp_path / "hostile.csv"
+        pa_csv.write_csv(
+            pa.table({"url": list(cases), "caption": [f"case {i}" for i in range(len(cases))]}), url_list
+        )
+        out = tmp_path / "out"
+        config = UrlIngestConfig(input_path=str(url_list), output_dir=str(out), timeout_s=1.0, deadline_s=2.0,
+                                 max_response_bytes=1 << 20, number_sample_per_shard=8, thread_count=16,
+                                 url_policy=UrlPolicy(allow_networks=("127.0.0.2/32",)))  # fmt: skip
+        result = ingest_urls(config)
+    assert internal.requests == {}  # nothing was ever asked of the refused address
+    rejects = {r["source"]: r for r in pq.read_table(out / "rejects").to_pylist()}
+    assert {url: rejects[url]["reason"] if url in rejects else None for url in cases} == cases
+    assert rejects[public.url("/iam.jpg")]["detail"].endswith(f"chain: {public.url('/iam.jpg')} -> {secret}")
+    assert (result.n_success, result.n_rejected) == (2, len(cases) - 2)
+    assert sorted(m["jpg"] for m in _read_tars(out).values()) == [photos()[0]] * 2
 
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
