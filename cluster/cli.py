@@ -3,8 +3,9 @@
 Wire-up: ``from cluster.cli import add_parsers; add_parsers(sub)`` inside ``jobs.cli.build_parser``. The
 parser sets ``func`` to a handler ``(argparse.Namespace) -> int``. Errors are ValueError (bad input, exit 2)
 or RuntimeError (``ClusterError``: unreachable/refused, or a followed job that failed; exit 1), as
-``jobs.cli.main`` expects. The auth token is read from ``RAY_AUTH_TOKEN`` only, never from a flag (flags
-end up in shell history and ``ps``).
+``jobs.cli.main`` expects. The auth token comes from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or Ray's
+``~/.ray/auth_token`` (``cluster.submit.resolve_token``), never from a flag (flags end up in shell history
+and ``ps``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def add_address(p: argparse.ArgumentParser) -> None:
         "--address",
         default=_default_address(),
         help="Ray dashboard / Jobs API URL (default: RAY_API_SERVER_ADDRESS, else %(default)s); "
-        "token auth: set RAY_AUTH_TOKEN",
+        "token auth: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token",
     )
 
 

@@ -91,13 +91,31 @@ def format_runtime_env(runtime_env: Mapping[str, Any]) -> str:
     return json.dumps(redact(runtime_env), indent=2, sort_keys=True)
 
 
-def project_requirements(pyproject: str | Path | None = None) -> list[str]:
-    """``[project].dependencies`` of pyproject.toml without Ray (the cluster's own Ray runs the job)."""
+_REQUIREMENT_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def project_table(pyproject: str | Path | None = None) -> dict[str, Any]:
+    """The ``[project]`` table of pyproject.toml (default: this repository's)."""
     path = Path(pyproject) if pyproject is not None else REPO_ROOT / "pyproject.toml"
     with open(path, "rb") as f:
-        deps = tomllib.load(f).get("project", {}).get("dependencies", [])
-    name = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
-    return [d for d in deps if (m := name.match(d)) is None or m.group(1).lower() != "ray"]
+        return dict(tomllib.load(f).get("project", {}))
+
+
+def requirement_name(requirement: str) -> str:
+    """The distribution name of a requirement: ``ray`` from ``ray[data]==2.60.0`` (the text itself if odd)."""
+    m = _REQUIREMENT_NAME.match(requirement)
+    return m.group(1) if m else requirement.strip()
+
+
+def dependency_names(pyproject: str | Path | None = None) -> list[str]:
+    """The distribution names of ``[project].dependencies``, Ray included (``torch``, ``ray``, ...)."""
+    return [requirement_name(d) for d in project_table(pyproject).get("dependencies", [])]
+
+
+def project_requirements(pyproject: str | Path | None = None) -> list[str]:
+    """``[project].dependencies`` of pyproject.toml without Ray (the cluster's own Ray runs the job)."""
+    deps = project_table(pyproject).get("dependencies", [])
+    return [d for d in deps if requirement_name(d).lower() != "ray"]
 
 
 def _matches(rel: str, is_dir: bool, pattern: str) -> bool:

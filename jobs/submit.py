@@ -102,7 +102,9 @@ def add_submit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     add_address(p)
     p.add_argument("--image", default=None, help="container image with the project installed (Ray image_uri)")
-    p.add_argument("--no-pip", action="store_true", help="the cluster nodes already have the dependencies")
+    p.add_argument("--no-pip", action="store_true",
+                   help="the cluster nodes already have the dependencies (a probe job checks the head's python "
+                   "first; nothing is uploaded when it lacks them)")  # fmt: skip
     p.add_argument("--follow", action="store_true", help="stream the logs; exit 1 unless the job succeeds")
     p.add_argument("--submission-id", default=None, help="your own unique id for the job")
     p.set_defaults(func=cmd_submit)

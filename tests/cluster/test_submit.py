@@ -1,4 +1,5 @@
-"""Real job submission: a real Ray head with the dashboard and token auth, jobs sent through jobs.submit."""
+"""Real job submission: a real Ray head with the dashboard and Ray 2.60's default token auth (a token in the
+head's ~/.ray/auth_token, which a client on the same machine sends), jobs sent through jobs.submit."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import requests
 
 from cluster import submit as api
 from cluster.runtime_env import build_runtime_env
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def head():
-    with running_head() as h:
+    with running_head(default_auth=True) as h:
         yield h
 
 
@@ -33,7 +35,17 @@ def fake_secret(monkeypatch) -> str:
     return value
 
 
-def test_filter_job_runs_on_the_cluster_with_its_config(head, tmp_path, fake_secret) -> None:
+@pytest.fixture
+def same_machine(head, monkeypatch) -> None:
+    """The client on the head's machine: its HOME (with ~/.ray/auth_token), and no RAY_AUTH_* variable."""
+    monkeypatch.setenv("HOME", str(head.home))
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_filter_job_runs_on_the_cluster_with_its_config(head, tmp_path, fake_secret, same_machine) -> None:
+    # Ray turned token auth on by itself, because ~/.ray/auth_token existed when the head started ...
+    assert requests.get(f"{head.address}/api/jobs/", timeout=10).status_code == 401
     write_scores(tmp_path / "scores" / "part-00000.parquet")
     config = tmp_path / "filter.yaml"
     config.write_text(
@@ -42,12 +54,12 @@ def test_filter_job_runs_on_the_cluster_with_its_config(head, tmp_path, fake_sec
     )
     out = io.StringIO()
     start = time.monotonic()
-    sid = submit_job(
+    sid = submit_job(  # ... and no token is given here: the submission sends that file's
         "filter", str(config), [f"output_dir={tmp_path / 'kept'}"], head.address, pip=False, follow=True,
-        submission_id=f"cascade-filter-{secrets.token_hex(4)}", token=head.token, out=out,
+        submission_id=f"cascade-filter-{secrets.token_hex(4)}", out=out,
     )  # fmt: skip
-    assert api.status(head.address, sid, token=head.token) == "SUCCEEDED", out.getvalue()
-    logs = api.logs(head.address, sid, token=head.token)
+    assert api.status(head.address, sid) == "SUCCEEDED", out.getvalue()
+    logs = api.logs(head.address, sid)
     summary = json.loads(logs[logs.index("{") : logs.rindex("}") + 1])
     assert (summary["n_input"], summary["n_kept"]) == (3, 2)  # the YAML's rule ran ...
     kept = pq.read_table(tmp_path / "kept" / "parquet")["key"].to_pylist()
@@ -56,6 +68,8 @@ def test_filter_job_runs_on_the_cluster_with_its_config(head, tmp_path, fake_sec
     assert "config from the submission" in logs
     printed = out.getvalue()
     assert sid in printed and "jobs.entrypoint filter" in printed and '"working_dir"' in printed
+    assert "auth: token from ~/.ray/auth_token" in printed
+    assert "environment check (cascade-env-check-" in printed  # --no-pip: the head's python has the project
     raw = api.connect(head.address, head.token)
     info = raw.get_job_info(sid)
     assert "HF_HUB_OFFLINE" in info.runtime_env["env_vars"]
