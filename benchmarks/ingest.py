@@ -4,7 +4,8 @@
 
 Serves real photos (scikit-image samples) on 127.0.0.1 under the URL paths of the real LAION list
 ``tests/data/laion_urls_200.parquet``, then downloads that list with
-(a) ``ingest_urls`` with ``distributor="ray"`` (SSRF guard + img2dataset's Ray distributor + reject table),
+(a) ``ingest_urls`` with ``distributor="ray"`` (SSRF guard, img2dataset's downloader in one Ray task per shard
+with every hop checked, pinned and capped by ``pipelines.ingest.fetch``, and the reject table),
 (b) ``ingest_urls`` with ``distributor="multiprocessing"``, and
 (c) plain ``img2dataset.download`` (multiprocessing), with identical shard size, threads and resize policy
 (originals kept). Samples/s = successful samples / wall time of the call; Ray start-up is timed apart.

@@ -15,7 +15,6 @@ fails leaves no stats file; the caller counts it as failed.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +86,12 @@ def _on_ray(downloader: Any, reader: Any, policy: FetchPolicy) -> None:
 
 
 def _in_processes(downloader: Any, reader: Any, policy: FetchPolicy, processes: int) -> None:
-    with ProcessPoolExecutor(processes, mp_context=get_context("spawn"), max_tasks_per_child=5) as pool:
-        for future in [pool.submit(download_shard, downloader, shard, policy) for shard in reader]:
-            future.result()
+    """Spawned processes, each replaced after 5 shards as img2dataset does (a multiprocessing Pool: Python
+    3.11's ProcessPoolExecutor can hang when it replaces a worker after ``max_tasks_per_child``)."""
+    with get_context("spawn").Pool(processes, maxtasksperchild=5) as pool:
+        for _ in pool.imap_unordered(_download_one, ((downloader, shard, policy) for shard in reader)):
+            pass
+
+
+def _download_one(task: tuple[Any, tuple[int, str], FetchPolicy]) -> bool:
+    return download_shard(*task)

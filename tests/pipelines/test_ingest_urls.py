@@ -153,7 +153,9 @@ def test_multiprocessing_with_center_crop_resizes(server, url_list, tmp_path):
     small = tmp_path / "small.csv"
     pa_csv.write_csv(pq.read_table(url_list).slice(0, 8), small)  # rows 1, 2, 3, 5 misbehave
     out = tmp_path / "resized"
-    config = _config(small, out, distributor="multiprocessing", processes_count=1)
+    # one shard per URL in one process: the process is replaced after 5 shards (a Python 3.11
+    # ProcessPoolExecutor hung there; a multiprocessing Pool does not)
+    config = _config(small, out, distributor="multiprocessing", processes_count=1, number_sample_per_shard=1)
     config = UrlIngestConfig(**(config.__dict__ | {"resize_mode": "center_crop", "image_size_px": 64}))
     result = ingest_urls(config)
     assert (result.n_success, result.n_rejected) == (4, 4)
