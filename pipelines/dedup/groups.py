@@ -164,8 +164,9 @@ def semantic_groups(
         sims = unit[start : start + block_rows] @ unit.T
         rows = np.arange(start, min(start + block_rows, n))
         sims[rows - start, rows] = -np.inf  # not its own neighbour
-        if n > 1:
-            nn[rows] = sims.max(axis=1)
+        if n > 1:  # the nearest one's cosine, recomputed row by row: a GEMM's last bits follow its block shape
+            best = sims.argmax(axis=1)
+            nn[rows] = np.einsum("ij,ij->i", unit[rows], unit[best])
         a, b = np.nonzero(sims >= threshold)
         a = a + start
         keep = (a < b) & alive[a] & alive[b]
