@@ -42,6 +42,7 @@ __all__ = [
     "CONTROL_KINDS",
     "SALIENCY_SHORT_SIDE",
     "canny_edges",
+    "centre_mask",
     "control_input",
     "inpaint_input",
     "inpaint_mask",
@@ -135,6 +136,15 @@ def inpaint_input(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([images.masked_fill(mask, 1.0), mask.to(images.dtype)], dim=1)
 
 
+def centre_mask(batch: int, size_hw: tuple[int, int]) -> torch.Tensor:
+    """The default inference inpainting mask ``B×1×H×W`` bool: the centre half of each side (rows H/4..3H/4,
+    columns W/4..3W/4) is painted, the border kept."""
+    height, width = size_hw
+    mask = torch.zeros(batch, 1, height, width, dtype=torch.bool)
+    mask[..., height // 4 : height - height // 4, width // 4 : width - width // 4] = True
+    return mask
+
+
 def random_saliency(
     batch: int, size_hw: tuple[int, int], generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -225,17 +235,19 @@ def control_input(
     *,
     generator: torch.Generator | None = None,
     effnet: EfficientNetEncoder | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The control input of ``kind`` (a :data:`CONTROL_KINDS` key) for ``B×3×H×W`` images in [0, 1].
 
-    ``canny``: :func:`canny_edges`; ``inpainting``: :func:`inpaint_input` with :func:`sample_inpaint_mask`
-    (drawn from ``generator``); ``super_resolution``: the latent of :func:`sr_effnet_input`, which needs
-    ``effnet``. The result has ``CONTROL_KINDS[kind]`` channels.
+    ``canny``: :func:`canny_edges`; ``inpainting``: :func:`inpaint_input` with ``mask`` (``B×1×H×W``, True =
+    paint; at inference a user's mask or :func:`centre_mask`), else a training mask from
+    :func:`sample_inpaint_mask` (drawn from ``generator``); ``super_resolution``: the latent of
+    :func:`sr_effnet_input`, which needs ``effnet``. The result has ``CONTROL_KINDS[kind]`` channels.
     """
     if kind == "canny":
         return canny_edges(images)
     if kind == "inpainting":
-        return inpaint_input(images, sample_inpaint_mask(images, generator))
+        return inpaint_input(images, mask if mask is not None else sample_inpaint_mask(images, generator))
     if kind == "super_resolution":
         if effnet is None:
             raise ValueError("control kind 'super_resolution' needs effnet= (an EfficientNetEncoder)")

@@ -3,10 +3,14 @@
 - text-to-image: Stage C 20 steps, cfg 4, shift 2 → Stage B 10 steps, cfg 1.1, shift 1 → Stage A decode;
 - image variation: the image's CLIP-L embedding as ``clip_img`` with an empty caption;
 - image-to-image: the effnet latent noised to t=0.8, then 16 Stage C steps from there;
-- reconstruction: resize (nearest) by 3/4 to a multiple of 32 → effnet → Stage B sampling → Stage A.
+- reconstruction: resize (nearest) by 3/4 to a multiple of 32 → effnet → Stage B sampling → Stage A;
+- ControlNet: ``controlnet(control) × multiplier`` steers both guidance branches of Stage C (the same signals,
+  as the official ``ControlNetCore`` sets ``conditions['cnet'] = unconditions['cnet']``), then Stage B and A
+  as for text-to-image.
 
 Every function returns images in [0, 1] and is deterministic under ``seed``. Each sampler keeps the x0
-prediction of the last step, as the official notebooks do.
+prediction of the last step, as the official notebooks do. :func:`to_uint8` is the one conversion to 8-bit
+pixels (what a PNG holds).
 """
 
 from __future__ import annotations
@@ -15,11 +19,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from stages.conditioners import ClipTextConditioner, ClipVisionConditioner
+from stages.controlnet import ControlNet
 from stages.effnet import EfficientNetEncoder
 from stages.gdf import GDF, stage_gdf
 from stages.stage_a import StageA
@@ -117,10 +125,16 @@ def sample_stage_c(
     seed: int = 42,
     t_start: float = 1.0,
     x_init: torch.Tensor | None = None,
+    cnet: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Stage C latents (B,16,h,w) for captions; the unconditional pass uses "" captions and zero clip_img."""
+    """Stage C latents (B,16,h,w) for captions; the unconditional pass uses "" captions and zero clip_img.
+
+    ``cnet`` (from :func:`controlnet_signals`) goes to both the conditional and the unconditional pass.
+    """
     cond = _text_conditions(models, captions, clip_img)
     uncond = _text_conditions(models, [""] * len(captions), None)
+    if cnet is not None:
+        cond["cnet"] = uncond["cnet"] = list(cnet)
     shape = (len(captions), models.stage_c.config.c_in, *size_hw)
     generator = torch.Generator(device=models.device).manual_seed(seed)
     timesteps = settings.timesteps if t_start == 1.0 else int(settings.timesteps * t_start)
@@ -189,10 +203,14 @@ def text_to_image(
     stage_c: SamplerSettings = STAGE_C,
     stage_b: SamplerSettings = STAGE_B,
     clip_img: torch.Tensor | None = None,
+    cnet: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Captions → images (B,3,H,W) in [0,1] with the official two-stage sampling."""
+    """Captions → images (B,3,H,W) in [0,1] with the official two-stage sampling (``cnet``: a ControlNet's
+    signals for Stage C, see :func:`controlnet_to_image`)."""
     size_c, size_b = latent_sizes(height, width)
-    latents_c = sample_stage_c(models, captions, size_c, clip_img=clip_img, settings=stage_c, seed=seed)
+    latents_c = sample_stage_c(
+        models, captions, size_c, clip_img=clip_img, settings=stage_c, seed=seed, cnet=cnet
+    )
     latents_b = sample_stage_b(models, latents_c, captions, size_b, settings=stage_b, seed=seed)
     return decode(models, latents_b)
 
@@ -263,3 +281,71 @@ def reconstruct(
     size_b = (h // B_COMPRESSION, w // B_COMPRESSION)
     latents_b = sample_stage_b(models, latents, captions, size_b, settings=stage_b, seed=seed)
     return decode(models, latents_b)
+
+
+def check_controlnet_fits(stage_c: StageC, controlnet: ControlNet) -> None:
+    """Refuse a ControlNet whose signals do not fit Stage C: their width must be Stage C's first level width
+    and their ResBlock indices must exist (the released ControlNets fit the 3.6B Stage C only, spec §1.7)."""
+    config, width, n_blocks = controlnet.config, stage_c.config.c_hidden[0], stage_c.count_resblocks()
+    if config.c_proj != width or max(config.proj_blocks) >= n_blocks:
+        raise ValueError(
+            f"the ControlNet (c_proj {config.c_proj}, blocks up to {max(config.proj_blocks)}) does not fit "
+            f"this Stage C (c_hidden {width}, {n_blocks} ResBlocks)"
+        )
+
+
+def controlnet_signals(
+    controlnet: nn.Module, control: torch.Tensor, multiplier: float = 1.0
+) -> list[torch.Tensor | None]:
+    """The ControlNet's per-ResBlock signals for a control input (B,c_in,H,W), each × ``multiplier``
+    (the official ``cnet_multiplier``, 1.0), computed once for every sampling step."""
+    param = next(controlnet.parameters())
+    signals = controlnet(control.to(device=param.device, dtype=param.dtype))
+    return [None if s is None else s.float() * multiplier for s in signals]
+
+
+@torch.no_grad()
+def controlnet_to_image(
+    models: CascadeModels,
+    controlnet: ControlNet,
+    control: torch.Tensor,
+    captions: Sequence[str],
+    *,
+    height: int = 1024,
+    width: int = 1024,
+    seed: int = 42,
+    stage_c: SamplerSettings = STAGE_C,
+    stage_b: SamplerSettings = STAGE_B,
+    multiplier: float = 1.0,
+) -> torch.Tensor:
+    """Captions steered by a ControlNet → images (B,3,H,W) in [0,1] (spec §5, ControlNet).
+
+    ``control`` is the ControlNet's input, one per caption (``stages.control_inputs``: canny edges of the
+    control image, the inpainting ``[masked image, mask]``, the super-resolution low-res effnet latent); its
+    size may differ from the output's, as each signal is resized to Stage C's activations.
+    """
+    if control.size(0) != len(captions):
+        raise ValueError(f"{control.size(0)} control inputs for {len(captions)} captions")
+    check_controlnet_fits(models.stage_c, controlnet)
+    cnet = controlnet_signals(controlnet, control, multiplier)
+    return text_to_image(
+        models, captions, height=height, width=width, seed=seed, stage_c=stage_c, stage_b=stage_b, cnet=cnet
+    )
+
+
+def fit_to_size(images: torch.Tensor, size_hw: tuple[int, int], *, nearest: bool = False) -> torch.Tensor:
+    """Resize images (B,C,H,W) to cover ``size_hw`` (aspect kept; bilinear with antialias, or nearest for
+    masks), then centre-crop to exactly ``size_hw``."""
+    height, width = size_hw
+    scale = max(height / images.shape[-2], width / images.shape[-1])
+    cover = [max(height, round(images.shape[-2] * scale)), max(width, round(images.shape[-1] * scale))]
+    mode = InterpolationMode.NEAREST if nearest else InterpolationMode.BILINEAR
+    resized = TF.resize(images, cover, interpolation=mode, antialias=not nearest)
+    return TF.center_crop(resized, [height, width])
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (B,3,H,W) in [0, 1] → (B,H,W,3) uint8, rounded: the pixels a PNG of the sample holds."""
+    return (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
