@@ -17,7 +17,9 @@ Runs, each in its own process with its own timeout (7 to 9 minutes in all on 2 C
 * ``scale.py --quick``: per-shard driver and join costs at 100 and 1000 shards, end to end per sample at two
   sizes (the full sizes, 10² → 10⁴ shards and 10³ → 10⁴ samples, run on their own: ``python benchmarks/scale.py``);
 * ``dedup.py --sizes 10000 100000``: ``cascade dedup`` time, memory and recall on synthetic 768-d embeddings
-  (the full sizes, 10⁵ and 10⁶, run on their own: ``python benchmarks/dedup.py``).
+  (the full sizes, 10⁵ and 10⁶, run on their own: ``python benchmarks/dedup.py``);
+* ``app.py``: the app's Explore tab over a synthetic 10⁶-row scores set, first render and slider update, in
+  process and in Chromium.
 
 Writes ``{out}.json`` (every benchmark's full result, the settings and the ratio rows) and ``{out}.md`` (the
 table). A benchmark that fails or times out shows as such in its rows; the others still run.
@@ -48,6 +50,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "read": (["read.py", "--rows", "1024", "--files", "8"], 120),
     "scale": (["scale.py", "--quick"], 900),
     "dedup": (["dedup.py", "--sizes", "10000", "100000"], 600),
+    "app": (["app.py", "--rows", "1000000", "--shards", "1000"], 600),
 }
 
 
@@ -135,6 +138,12 @@ def ratio_rows(results: dict[str, dict]) -> list[dict]:
                      f"parts: {_fmt(_get(enc, 'bytes', 'ratio_as_written'))}; random fp16 tensors: {_fmt(read.get('ratio_bytes_over_raw'))}"))  # fmt: skip
     rows += scale_rows(results.get("scale", {}))
     rows += dedup_rows(results.get("dedup", {}))
+    app = results.get("app", {})
+    shown = app.get("browser") if "first_render_s" in (app.get("browser") or {}) else app.get("in_process") or {}
+    rows.append(_row("app Explore first render at 10⁶ rows (s)", shown.get("first_render_s"), "≤ 3",
+                     lambda v: v <= 3, f"in process {_fmt(_get(app, 'in_process', 'first_render_s'))} s"))
+    rows.append(_row("app Explore slider update at 10⁶ rows (s)", shown.get("slider_update_s"), "≤ 1",
+                     lambda v: v <= 1, f"in process {_fmt(_get(app, 'in_process', 'slider_update_s'))} s"))  # fmt: skip
     for name, result in results.items():
         if "error" in result:
             rows.append(_row(f"{name} benchmark", None, "runs", None, result["error"].splitlines()[0][:200]))

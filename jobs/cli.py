@@ -90,11 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_job_parsers(sub)
     from cluster.cli import add_parsers as add_cluster_parsers
+    from jobs.app.main import add_app_parser
     from jobs.convert import add_convert_parser
+    from jobs.sample import add_sample_parser
     from jobs.submit import add_submit_parser
 
+    add_app_parser(sub)
     add_submit_parser(sub)
     add_convert_parser(sub)
+    add_sample_parser(sub)
     add_cluster_parsers(sub)
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("doctor", "print versions, flavors, the Ray status and whether CUDA is present", _cmd_doctor),

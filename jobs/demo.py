@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,4 +197,6 @@ def run_demo(config: DemoConfig, address: str | None = None) -> dict[str, str]:
         print(
             "\nThese models have random weights: the images and numbers test the pipeline, not Stable Cascade."
         )
+    models = f"--weights {shlex.quote(config.weights)}" if config.weights else "--tiny"
+    print(f"\nlook at them in the web app: cascade app {shlex.quote(str(Path(config.output_dir).resolve()))} {models}")
     return where

@@ -31,6 +31,7 @@ JOB_PACKAGES = {
     "train_data": set(),
     "export": set(),
     "report": {"encode", "train_data"},
+    "explore": {"filter"},  # the app's counts are filter's own rule code
 }
 
 

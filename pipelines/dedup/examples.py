@@ -3,23 +3,21 @@ and a seeded sample of groups, each kept image beside its removed copies with th
 
 Finding the sample costs one Ray Data pass over the dedup tables' small columns (the rows of the groups whose
 kept key has the smallest seeded hashes: usually one pass, more only when groups are few and large) and one
-read of each shard that holds a sampled image: never a scan on the driver. Thumbnails are inlined, so ``dedup_report.html`` is one self-contained file.
+read of each shard that holds a sampled image: never a scan on the driver. Thumbnails are inlined, so ``dedup_report.html`` is one self-contained
+file.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 from html import escape
 from typing import Any
 
 import numpy as np
 
 from pipelines.core.html import CSS, bars_svg
-from pipelines.core.images import PILLOW_MAX_PIXELS, ImageError, decode_rgb
-from pipelines.core.sources import SourceConfig, read_shard
+from pipelines.core.lookup import find_samples, jpeg_data_uri, thumbnail
 from pipelines.dedup.steps import HIST_LOW, collect, partition_of
-from schemas.columns import DEDUP_KIND, DEDUP_SIMILARITY, DUPLICATE_OF, IMAGE, KEY, SOURCE
+from schemas.columns import DEDUP_KIND, DEDUP_SIMILARITY, DUPLICATE_OF, KEY, SOURCE
 
 THUMB_PX = 160
 MAX_COPIES_SHOWN = 6
@@ -75,41 +73,11 @@ def _fs(root: str, options: dict[str, Any]) -> Any:
 
 
 def thumbnails(groups: list[dict], options: dict[str, Any]) -> dict[str, str]:
-    """key → inline JPEG thumbnail (data URI) of every image in ``groups``, one read per source shard."""
-    wanted: dict[str, set[str]] = {}
-    for group in groups:
-        for row in (group, *group["copies"]):
-            if row["source"]:
-                wanted.setdefault(row["source"], set()).add(row["key"])
-    out = {}
-    for source, keys in sorted(wanted.items()):
-        config = SourceConfig(
-            kind="webdataset", path=source.rsplit("/", 1)[0], endpoint_url=options.get("endpoint_url")
-        )
-        try:
-            batches = list(read_shard(config, {"shard_index": 0, "uris": [source]}))
-        except (OSError, ValueError):  # the shards moved or are gone: the page says "image not found"
-            continue
-        for batch in batches:
-            found = (
-                (str(k), _thumbnail(d)) for k, d in zip(batch[KEY], batch[IMAGE], strict=True) if k in keys
-            )
-            out |= {key: uri for key, uri in found if uri}
-    return out
-
-
-def _thumbnail(data: Any) -> str | None:
-    """An inline JPEG thumbnail (data URI) of encoded image bytes; None when they do not decode."""
-    from PIL import Image
-
-    try:
-        image = Image.fromarray(decode_rgb(bytes(data), max_pixels=PILLOW_MAX_PIXELS))
-    except (ImageError, TypeError):
-        return None
-    image.thumbnail((THUMB_PX, THUMB_PX))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    """key → inline JPEG thumbnail (data URI) of every image in ``groups``, at most one read per source shard."""
+    rows = [row for group in groups for row in (group, *group["copies"])]
+    found = find_samples(((r["source"], r["key"]) for r in rows), options.get("endpoint_url"))
+    thumbs = {key: thumbnail(sample["image"], THUMB_PX) for key, sample in found.items()}
+    return {key: jpeg_data_uri(image) for key, image in thumbs.items() if image is not None}
 
 
 def _figure(key: str, caption: str, thumbs: dict[str, str]) -> str:

@@ -27,10 +27,8 @@ def test_bundled_photos_have_captions_and_licences() -> None:
     assert sum(p.stat().st_size for p in PHOTOS.iterdir()) < 1_000_000
 
 
-def test_demo_runs_every_job_and_prints_where_outputs_are(ray_local, tmp_path, capsys) -> None:
-    out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--steps", "6"]) == 0
-    printed = capsys.readouterr().out
+def test_demo_runs_every_job_and_prints_where_outputs_are(demo_run) -> None:
+    out, printed = demo_run.output, demo_run.printed
     assert "SEEDED RANDOM WEIGHTS" in printed and "random weights" in printed
     for i, name in enumerate(("ingest", "score", "dedup", "filter", "encode", "train-c", "export", "report"), 1):
         assert f"[{i}/8] {name}" in printed
@@ -54,6 +52,7 @@ def test_demo_runs_every_job_and_prints_where_outputs_are(ray_local, tmp_path, c
     report = json.loads((Path(where["report"]).parent / "report.json").read_text())
     assert report["random_weights"] and len(report["samples"]) == 9 and not report["rejects"]
     assert Path(where["report"]).is_file() and where["ingest"] == str(out / "shards")
+    assert f"cascade app {out.resolve()} --tiny" in printed  # the app opens on these outputs
 
 
 def test_weights_dir_switches_every_stage_to_released_files(tmp_path) -> None:
