@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import OrderedDict
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -119,25 +120,48 @@ def counts_html(view: ScoresView, rules: list[Rule]) -> str:
     )
 
 
+class Thumbnails:
+    """key → (thumbnail data URI or None, caption), the last ``size`` samples shown: the first view of a sample
+    streams its shard up to it; moving a slider back and forth shows it again from memory."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.cache: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
+
+    def of(self, rows: list[dict[str, Any]], endpoint_url: str | None) -> dict[str, tuple[str | None, str]]:
+        wanted = [(r[c.SOURCE], r[c.KEY]) for r in rows if r[c.KEY] not in self.cache]
+        found = find_samples(wanted, endpoint_url) if wanted else {}
+        for _, key in wanted:
+            sample = found.get(key)
+            image = thumbnail(sample["image"], THUMB_PX) if sample else None
+            self.cache[key] = (jpeg_data_uri(image) if image else None, (sample or {}).get("caption", ""))
+        for row in rows:
+            self.cache.move_to_end(row[c.KEY])
+        while len(self.cache) > self.size:
+            self.cache.popitem(last=False)
+        return {r[c.KEY]: self.cache[r[c.KEY]] for r in rows}
+
+
+THUMBNAILS = Thumbnails()
+
+
 def grid_html(view: ScoresView, rules: list[Rule], *, kept: bool, page: int) -> str:
     """A page of kept (or dropped) samples, nearest the threshold first, with captions and scores."""
     rows = view.page(rules, kept=kept, page=page, per_page=PER_PAGE)
     side = "kept" if kept else "dropped"
     if not rows:
         return f"<p>No {side} samples on this page.</p>"
-    found = find_samples(((r[c.SOURCE], r[c.KEY]) for r in rows), view.storage_options.get("endpoint_url"))
+    shown = THUMBNAILS.of(rows, view.storage_options.get("endpoint_url"))
     figures = []
     for row in rows:
-        sample = found.get(row[c.KEY])
-        image = thumbnail(sample["image"], THUMB_PX) if sample else None
+        uri, caption = shown[row[c.KEY]]
         scores = " · ".join(
             f"{_short(f)} {row[f]:.3g}" for f in (c.AESTHETIC_SCORE, c.CLIP_SIMILARITY) if f in row
         )
         size = f"{row.get(c.WIDTH)}×{row.get(c.HEIGHT)}"
         dup = f" · {row[c.DEDUP_KIND]} copy" if row.get(c.DEDUP_KIND) else ""
-        caption = escape((sample or {}).get("caption", "")[:140])
-        figures.append(figure_html(jpeg_data_uri(image) if image else None, row[c.KEY],
-                                   f"{caption}<br><small>{scores} · {size}{dup}</small>"))  # fmt: skip
+        figures.append(figure_html(uri, row[c.KEY],
+                                   f"{escape(caption[:140])}<br><small>{scores} · {size}{dup}</small>"))  # fmt: skip
     return f'<div class="grid {side}">{"".join(figures)}</div>'
 
 

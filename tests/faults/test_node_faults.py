@@ -34,7 +34,8 @@ def run_with_node_kill(job: str, shards: Path, out: Path) -> dict:
 @pytest.mark.timeout(480)
 # score commits through the same run_and_commit as encode: its variant runs with -m slow (the default run keeps
 # encode's, and score's driver kill in tests/faults/test_driver_kill.py)
-@pytest.mark.parametrize("job", ["encode", pytest.param("score", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 144 s per job; by default killed workers are tested in dedup, training and the S3 outage test
+@pytest.mark.parametrize("job", ["encode", "score"])
 def test_worker_node_killed_mid_job_every_key_once(job, tmp_path) -> None:
     keys = photo_shards(tmp_path / "shards", N_SHARDS)
     out = tmp_path / job

@@ -22,6 +22,7 @@ def test_flavors_unknown_family_exits_2(capsys) -> None:
     assert "unknown family 'stage_d'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 32 s (it starts a local Ray); the console script itself runs by default in tests/cluster/test_probe.py
 @pytest.mark.timeout(180)
 def test_doctor_runs_as_console_script() -> None:
     result = subprocess.run(

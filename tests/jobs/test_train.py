@@ -67,6 +67,7 @@ def test_micro_batches_are_the_same_for_two_workers_and_one_with_double_accumula
     assert len(set(keys[:4])) == 4, "one global batch holds distinct samples"
 
 
+@pytest.mark.slow  # 180 s; by default Stage C learns without Ray (tests/stages/test_objective.py) and trains through Ray Train in the worker-kill, FSDP, LoRA and ControlNet tests
 def test_a_tiny_stage_c_learns_on_cached_photos(cache, tmp_path) -> None:
     """A few hundred steps on the cached latents: the loss ends clearly below its start."""
     config = _config(cache, tmp_path, batch_size=4, max_steps=300, save_every=150, log_every=10, lr=1e-3,
@@ -114,6 +115,7 @@ def one_worker_run(cache, tmp_path_factory):
     return config, run_train(config)
 
 
+@pytest.mark.slow  # 76 s; by default two workers draw the same micro-batches as one (test_micro_batches_are_the_same_...)
 def test_two_workers_match_one_worker_with_doubled_accumulation(cache, one_worker_run, tmp_path) -> None:
     s1, s2 = two_workers_match(*one_worker_run, tmp_path)
     np.testing.assert_allclose(
@@ -122,8 +124,7 @@ def test_two_workers_match_one_worker_with_doubled_accumulation(cache, one_worke
     assert (s1["world_size"], s2["world_size"]) == (1, 2)
 
 
-@pytest.mark.slow  # the same CLI kill-and-resume path runs by default for Stage B (test_train_b.py), and Stage C's
-# resume by default in test_a_killed_train_worker_restarts_from_its_checkpoint and the s3 resume test
+@pytest.mark.slow  # Stage C's resume runs by default in test_a_killed_train_worker_restarts_from_its_checkpoint
 def test_kill_and_resume_repeats_the_uninterrupted_trajectory(cache, one_worker_run, tmp_path) -> None:
     """SIGKILL the `cascade train-c` process group after its first checkpoint, rerun it: same losses, same weights."""
     one_config, one = one_worker_run
@@ -293,6 +294,7 @@ def test_fsdp_shards_the_generator_and_saves_the_full_official_state(cache, one_
     assert set(optimizer["state"]) == {k for k, _ in model.named_parameters()}
 
 
+@pytest.mark.slow  # 59 s; by default a killed worker resumes from its local checkpoint, and S3 by export's and the latents reader's loopback tests
 def test_checkpoints_on_s3_and_resume_from_there(cache, tmp_path) -> None:
     """Ray Train storage on the S3 protocol (moto on loopback): checkpoints, metrics and resume go through it."""
     import fsspec

@@ -168,6 +168,7 @@ def test_stage_a_latents_at_1024(shards, tmp_path) -> None:
     assert row["stage_a"].shape == (4, 256, 256) and np.abs(row["stage_a"] - expected).max() <= 1e-6
 
 
+@pytest.mark.slow  # 44 s; by default a rerun with other settings is refused or redone in the job tests
 def test_reencode_replaces_a_stale_cache(shards, tmp_path) -> None:
     out = tmp_path / "stale"
     run_encode(_config(shards, out, formats=("parquet",)))
@@ -272,6 +273,7 @@ def test_reuses_the_clip_embeddings_that_score_stored(shards, tmp_path) -> None:
     assert manifest["preprocessing"]["clip_image_source"] == "scores"
 
 
+@pytest.mark.slow  # 35 s; by default S3 is covered by export's and the latents reader's loopback tests
 def test_encode_to_s3_on_loopback(shards) -> None:
     import fsspec
 
