@@ -141,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = "--verbose" in argv
     args = build_parser().parse_args([a for a in argv if a != "--verbose"])
     console.configure(verbose)
+    if args.command in ("submit", "cluster"):
+        console.mute_ray_logger()
     native = None
     if not verbose and args.command in _ray_commands():
         native = console.NativeLogFilter(console.log_path(args.command, "ray-native"))

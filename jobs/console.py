@@ -40,6 +40,20 @@ def configure(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def mute_ray_logger() -> None:
+    """Ray sets its ``ray`` logger to INFO when it is first imported (``cascade submit``'s packaging and upload
+    lines, the Jobs SDK's websocket lines), and some of its modules set their own loggers to INFO: import it
+    now and raise the level of the logger and of the handler they all reach."""
+    if _VERBOSE:
+        return
+    import ray  # noqa: F401
+
+    logger = logging.getLogger("ray")
+    logger.setLevel(logging.ERROR)
+    for handler in logger.handlers:
+        handler.setLevel(logging.ERROR)
+
+
 def quiet_ray() -> None:
     """After Ray is imported: Ray turns its deprecation warnings back on at import, and Ray Data logs every
     dataset's plan and finish to the console at INFO. Keep Ray Data's file log, mute the console."""

@@ -198,5 +198,7 @@ def run_demo(config: DemoConfig, address: str | None = None) -> dict[str, str]:
             "\nThese models have random weights: the images and numbers test the pipeline, not Stable Cascade."
         )
     models = f"--weights {shlex.quote(config.weights)}" if config.weights else "--tiny"
-    print(f"\nlook at them in the web app: cascade app {shlex.quote(str(Path(config.output_dir).resolve()))} {models}")
+    print(
+        f"\nlook at them in the web app: cascade app {shlex.quote(str(Path(config.output_dir).resolve()))} {models}"
+    )
     return where

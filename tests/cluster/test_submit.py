@@ -3,10 +3,12 @@ head's ~/.ray/auth_token, which a client on the same machine sends), jobs sent t
 
 from __future__ import annotations
 
-import io
 import json
 import secrets
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -52,13 +54,17 @@ def test_filter_job_runs_on_the_cluster_with_its_config(head, tmp_path, fake_sec
         f"# a filter job, as a user writes it\nscores_dir: {tmp_path / 'scores'}\n"
         f"output_dir: {tmp_path / 'not-used'}\nrules:\n  - {{field: width, op: '>=', value: 500}}\n"
     )
-    out = io.StringIO()
     start = time.monotonic()
-    sid = submit_job(  # ... and no token is given here: the submission sends that file's
-        "filter", str(config), [f"output_dir={tmp_path / 'kept'}"], head.address, pip=False, follow=True,
-        submission_id=f"cascade-filter-{secrets.token_hex(4)}", out=out,
+    done = subprocess.run(  # through the CLI, as a user types it; no token is given: it sends that file's
+        [str(Path(sys.executable).parent / "cascade"), "submit", "filter", "--config", str(config),
+         "--set", f"output_dir={tmp_path / 'kept'}", "--address", head.address, "--no-pip", "--follow",
+         "--submission-id", f"cascade-filter-{secrets.token_hex(4)}"],
+        capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
-    assert api.status(head.address, sid) == "SUCCEEDED", out.getvalue()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr == ""  # Ray's packaging, upload and websocket lines stay off the terminal
+    sid = done.stdout.splitlines()[-1]
+    assert api.status(head.address, sid) == "SUCCEEDED", done.stdout
     logs = api.logs(head.address, sid)
     summary = json.loads(logs[logs.index("{") : logs.rindex("}") + 1])
     assert (summary["n_input"], summary["n_kept"]) == (3, 2)  # the YAML's rule ran ...
@@ -66,7 +72,7 @@ def test_filter_job_runs_on_the_cluster_with_its_config(head, tmp_path, fake_sec
     assert sorted(kept) == ["huge", "wide"]  # ... and the --set override won over the YAML's output_dir
     assert not (tmp_path / "not-used").exists()
     assert "config from the submission" in logs
-    printed = out.getvalue()
+    printed = done.stdout
     assert sid in printed and "jobs.entrypoint filter" in printed and '"working_dir"' in printed
     assert "auth: token from ~/.ray/auth_token" in printed
     assert "environment check (cascade-env-check-" in printed  # --no-pip: the head's python has the project
