@@ -32,8 +32,7 @@ def run_with_node_kill(job: str, shards: Path, out: Path) -> dict:
 
 
 @pytest.mark.timeout(480)
-# score commits through the same run_and_commit as encode: its variant runs with -m slow (the default run keeps
-# encode's, and score's driver kill in tests/faults/test_driver_kill.py)
+# score and encode commit through the same run_and_commit; score's driver kill is in tests/faults/test_driver_kill.py
 @pytest.mark.slow  # 144 s per job; by default killed workers are tested in dedup, training and the S3 outage test
 @pytest.mark.parametrize("job", ["encode", "score"])
 def test_worker_node_killed_mid_job_every_key_once(job, tmp_path) -> None:

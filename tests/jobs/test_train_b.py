@@ -59,6 +59,8 @@ def test_a_cache_without_stage_b_inputs_is_refused_naming_what_is_missing() -> N
             stage_b_columns(model, shapes)
     subset = stage_b_columns(model, stage_c_cache | {c.STAGE_A: (4, 32, 32), "stage_b_effnet_3": (16, 3, 3)})
     assert subset == {c.STAGE_A: (4, 32, 32), c.CLIP_TEXT_POOLED: (32,), "stage_b_effnet_3": (16, 3, 3)}
+
+
 @pytest.mark.slow  # 122 s; by default Stage B's plan, inputs and refusals are checked here and its model in tests/stages
 def test_a_tiny_stage_b_learns_on_cached_stage_a_latents(cache, tmp_path) -> None:
     """300 steps: the loss falls; the checkpoint loads strictly into stages and diffusers; previews decode."""

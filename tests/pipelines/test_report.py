@@ -148,6 +148,8 @@ def check_page(out: Path, report: dict, tmp_path: Path) -> None:
     assert page.svgs >= 3
     assert "Reconstruction report" in page.text and "Random weights" in page.text
     assert page.screenshot.stat().st_size > 10_000
+
+
 @pytest.mark.slow  # 71 s; the demo (tests/jobs/test_demo.py) makes a report from its cache by default
 def test_report_from_a_cache(cache, tmp_path) -> None:
     _, latents = cache
@@ -218,6 +220,8 @@ def test_report_from_raw_images_lists_bad_rows(ray_local, tmp_path) -> None:
     assert {s["bucket"] for s in report["samples"]} == {"9x6", "8x8"}  # 3:2 photos and the square one
     check_page(out, report, tmp_path)
     assert "LPIPS skipped" in open_page(out / "report.html", tmp_path / "again.png").text
+
+
 @pytest.mark.slow  # 28 s; by default reports from raw images and the demo's cache
 def test_report_writes_to_s3_and_reads_a_moved_cache(cache, tmp_path) -> None:
     shards, latents = cache
